@@ -75,3 +75,26 @@ class ChatFormat(Protocol):
 
     def parse_response(self, text: str, *, tools: list[dict] | None = None) -> AssistantMessage:
         ...
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns only complete UTF-8 characters, `flush()` the rest.
+
+    Works from `token_bytes`, so a character split across tokens (emoji, CJK byte-fallback tokens) comes out
+    once, whole. Invalid bytes become U+FFFD, as in a full `decode`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        import codecs
+
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id), final=False)
+
+    def flush(self) -> str:
+        """Whatever is still buffered (an incomplete character becomes U+FFFD); the decoder is then reset."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
