@@ -1,0 +1,215 @@
+"""Checkpoints: every file format converts into one canonical state dict at the edge.
+
+The canonical state dict is the one of `corral.models.llama.Transformer`: Meta's weight names
+(`tok_embeddings.weight`, `layers.{i}.attention.wq.weight`, ...) with q/k rows in Meta's interleaved
+rotary order, `output.weight` left out when the embeddings are tied. Loaders:
+    hf.py    Hugging Face `config.json` + safetensors (single or sharded); q/k un-permuted here
+    meta.py  Meta `params.json` + `consolidated.NN.pth` (model-parallel shards merged)
+    gguf.py  llama.cpp GGUF, memory-mapped, quantized tensors dequantized to fp32
+    mllama.py  the vision model (HF `mllama`, Meta params with `vision_chunk_size`), delegated to
+`load_model` builds the model on the meta device and assigns the loaded tensors, so a 1B checkpoint
+never first allocates random weights. The file's numbers make the config; a matching registry entry
+(same architecture numbers) only adds what a file does not carry: name, chat format, hub repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from corral.checkpoints.errors import CheckpointError
+from corral.models.config import LLAMA3_VOCAB_SIZE, ModelConfig, known_models
+
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "load_model", "load_tokenizer", "match_registry"]
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, Tensor]  # canonical names; memory-mapped where the format allows
+    path: Path
+    format: Literal["hf", "meta", "gguf"]
+    quantization: str | None = None  # e.g. "Q4_1" for a GGUF; None for bf16/fp16/fp32 weights
+    chat_template: str | None = None  # Jinja template from tokenizer_config.json / tokenizer.chat_template
+    metadata: dict = field(default_factory=dict, repr=False)  # config.json / params.json / GGUF metadata
+
+
+# Numbers that identify an architecture; a registry entry must agree on all of them.
+ARCH_FIELDS = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "head_dim",
+               "rope_theta")
+
+
+def _rope_factor(config: ModelConfig) -> float | None:
+    return config.rope_scaling.factor if config.rope_scaling else None
+
+
+def registry_matches(config: ModelConfig, *, exact_rope: bool = True) -> list[ModelConfig]:
+    """Registry entries with config's architecture numbers (and rope factor / tying, if exact_rope)."""
+    out = []
+    for entry in known_models():
+        if any(getattr(entry, f) != getattr(config, f) for f in ARCH_FIELDS):
+            continue
+        if exact_rope and (_rope_factor(entry) != _rope_factor(config) or entry.tie_embeddings != config.tie_embeddings):
+            continue
+        out.append(entry)
+    return out
+
+
+def pick_match(candidates: list[ModelConfig], label: str) -> ModelConfig | None:
+    """Among entries with identical numbers (base vs instruct), prefer the one the file is named after;
+    the name never decides the architecture, only which of equal entries to report."""
+    if not candidates:
+        return None
+    def norm(s: str) -> str:  # "Llama3.2-1B-Instruct" (Meta's directory) ~ "Llama-3.2-1B-Instruct"
+        return "".join(ch for ch in s.lower() if ch.isalnum())
+
+    named = [c for c in candidates if norm(c.name) in norm(label)]
+    return max(named, key=lambda c: len(c.name)) if named else candidates[0]
+
+
+def match_registry(config: ModelConfig, label: str, chat_template: str | None,
+                   candidates: list[ModelConfig] | None = None) -> ModelConfig:
+    """Fill name / chat_format / tool_format / hf_repo from the matching registry entry; without one,
+    name the model after its file or directory (label) and pick the chat format from what it carries:
+    its own Jinja template if any, else Meta's llama3 format for the Llama 3 vocabulary."""
+    entry = pick_match(registry_matches(config) if candidates is None else candidates, label)
+    if entry is not None:
+        return config.replace(name=entry.name, chat_format=entry.chat_format, tool_format=entry.tool_format,
+                              hf_repo=entry.hf_repo)
+    if chat_template:
+        chat_format = "jinja"
+    elif config.vocab_size == LLAMA3_VOCAB_SIZE:
+        chat_format = "llama3"
+    else:
+        chat_format = "jinja"  # no template and not Llama 3: chat will say the template is missing
+    return config.replace(name=label, chat_format=chat_format, hf_repo=None)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint: a directory with config.json (HF) or params.json (Meta), or a .gguf file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            if read_json(path / "config.json").get("model_type") == "mllama":
+                from corral.checkpoints.mllama import load_mllama_checkpoint
+
+                return load_mllama_checkpoint(path)
+            from corral.checkpoints.hf import load_hf
+
+            return load_hf(path)
+        if (path / "params.json").is_file():
+            if (read_json(path / "params.json").get("vision_chunk_size") or -1) > 0:
+                from corral.checkpoints.mllama import load_mllama_checkpoint
+
+                return load_mllama_checkpoint(path)
+            from corral.checkpoints.meta import load_meta
+
+            return load_meta(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            what = f"{len(ggufs)} .gguf files (name one)" if ggufs else "neither config.json nor params.json"
+            raise CheckpointError(f"{path}: not a checkpoint directory: it has {what}; expected config.json + "
+                                  "*.safetensors (Hugging Face), params.json + consolidated.*.pth (Meta), "
+                                  "or a single .gguf file")
+    if path.suffix != ".gguf":
+        raise CheckpointError(f"{path}: unrecognised checkpoint file; expected a .gguf file, or a directory "
+                              "with config.json (Hugging Face) or params.json (Meta)")
+    from corral.checkpoints.gguf import load_gguf
+
+    return load_gguf(path)
+
+
+def load_tokenizer(checkpoint: Checkpoint):
+    """The tokenizer that ships with a checkpoint (GGUF metadata, tokenizer.model or tokenizer.json)."""
+    if checkpoint.format == "gguf":
+        from corral.tokenizer.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(checkpoint.metadata)
+    directory = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    tiktoken_model = directory / "tokenizer.model"
+    hf_json = directory / "tokenizer.json"
+    # Meta's tiktoken file is the reference for the llama3 chat format; otherwise the HF tokenizer.
+    if tiktoken_model.is_file() and (checkpoint.config.chat_format == "llama3" or not hf_json.is_file()):
+        from corral.tokenizer.llama3 import Llama3Tokenizer
+
+        return Llama3Tokenizer(tiktoken_model)
+    if hf_json.is_file():
+        from corral.tokenizer.hf import HFTokenizer
+
+        return HFTokenizer.from_dir(directory)
+    raise CheckpointError(f"{directory}: no tokenizer (expected tokenizer.model or tokenizer.json)")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, checkpoint: Checkpoint) -> torch.dtype:
+    """None -> the dtype most of the file's weights have (fp32 for quantized files)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        if checkpoint.quantization is not None:
+            return torch.float32
+        sizes = Counter()
+        for t in checkpoint.state_dict.values():
+            if t.is_floating_point():
+                sizes[t.dtype] += t.numel()
+        return sizes.most_common(1)[0][0] if sizes else torch.float32
+    try:
+        return DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype") from None
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu"):
+    """A registry name, directory or .gguf file -> (model in eval mode, Checkpoint).
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it (no random
+    init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`)."""
+    from corral.checkpoints.download import resolve_model
+
+    checkpoint = load_checkpoint(resolve_model(name_or_path))
+    config = checkpoint.config
+    dtype = resolve_dtype(dtype, checkpoint)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    if config.family == "mllama":
+        from corral.models.vision import MllamaTransformer as model_class
+    else:
+        from corral.models.llama import Transformer as model_class
+    with torch.device("meta"):
+        model = model_class(config)
+    to_load = dict(state_dict)
+    if config.tie_embeddings and "output.weight" not in to_load and "tok_embeddings.weight" in to_load:
+        to_load["output.weight"] = to_load["tok_embeddings.weight"]
+    try:
+        model.load_state_dict(to_load, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: {e}") from None
+    if config.tie_embeddings and config.family != "mllama":
+        model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared parameter
+    model = model.to(device).eval()
+    return model, dataclasses.replace(checkpoint, state_dict=state_dict)
