@@ -1,0 +1,185 @@
+"""The run config: what `corral serve` serves, from a YAML file or from nothing at all.
+
+With no file, Corral serves the built-in default model (SmolLM2-135M-Instruct) through the inline
+engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run config looks like:
+
+    port: 8321
+    host: 127.0.0.1
+    storage_dir: ~/.corral/server       # SQLite store of chat completions
+    api_keys: [sk-local-1]              # optional: then every route but /v1/health needs one
+    load: startup                       # startup (default) | first_use
+    max_queue: 8                        # waiting requests per model before 429
+    max_body_bytes: 4194304
+    providers:
+      - provider_id: corral
+        provider_type: inline::corral
+      - provider_id: embeddings
+        provider_type: inline::sentence-transformers
+      - provider_id: vllm
+        provider_type: remote::openai-compatible
+        config: {base_url: http://gpu-box:8000/v1, api_key: ...}
+    models:
+      - model_id: SmolLM2-135M-Instruct
+        provider_id: corral
+        checkpoint: ~/.corral/models/SmolLM2-135M-Instruct/model.gguf   # optional: name or path
+      - model_id: all-MiniLM-L6-v2
+        provider_id: embeddings
+        model_type: embedding
+      - model_id: llama-8b
+        provider_id: vllm
+        provider_model_id: meta-llama/Llama-3.1-8B-Instruct
+
+Every key is checked at start; an error names the file and the key (`models[1].provider_id: ...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from corral.paths import corral_home
+
+INLINE = "inline::corral"
+EMBEDDINGS = "inline::sentence-transformers"
+REMOTE = "remote::openai-compatible"
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RemoteConfig(_Strict):
+    base_url: str = Field(pattern=r"^https?://")
+    api_key: str | None = None
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class ProviderConfig(_Strict):
+    provider_id: str = Field(min_length=1)
+    provider_type: Literal["inline::corral", "inline::sentence-transformers", "remote::openai-compatible"]
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.provider_type == REMOTE:
+            RemoteConfig.model_validate(self.config)  # errors surface under this provider's `config`
+        elif self.config:
+            raise ValueError(f"{self.provider_type} takes no `config` (got keys {sorted(self.config)})")
+        return self
+
+    @property
+    def remote(self) -> RemoteConfig:
+        return RemoteConfig.model_validate(self.config)
+
+
+class ModelEntry(_Strict):
+    model_id: str = Field(min_length=1)
+    provider_id: str
+    model_type: Literal["llm", "embedding"] = "llm"
+    provider_model_id: str | None = None  # remote: the id the remote server knows
+    checkpoint: str | None = None  # inline: a registry name or a checkpoint path (default: model_id)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (fp32 for GGUF)
+
+
+class RunConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8321, ge=0, le=65535)
+    storage_dir: Path = Field(default_factory=lambda: corral_home() / "server")
+    api_keys: list[str] = Field(default_factory=list)
+    load: Literal["startup", "first_use"] = "startup"
+    max_queue: int = Field(8, ge=0)  # requests waiting for a busy model, beyond the one running
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    providers: list[ProviderConfig] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        ids = [p.provider_id for p in self.providers]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"providers: provider_id {sorted(dup)[0]!r} appears twice")
+        types = {p.provider_id: p.provider_type for p in self.providers}
+        seen = set()
+        for k, m in enumerate(self.models):
+            if m.provider_id not in types:
+                raise ValueError(f"models[{k}].provider_id: {m.provider_id!r} is not a provider_id under "
+                                 f"`providers` (have {sorted(types)})")
+            if m.model_id in seen:
+                raise ValueError(f"models[{k}].model_id: {m.model_id!r} appears twice")
+            seen.add(m.model_id)
+            kind = types[m.provider_id]
+            if (kind == EMBEDDINGS) != (m.model_type == "embedding"):
+                raise ValueError(f"models[{k}].model_type: {m.model_type!r} does not match provider "
+                                 f"{m.provider_id!r} of type {kind}")
+            if kind == REMOTE and m.checkpoint:
+                raise ValueError(f"models[{k}].checkpoint: a remote model has no checkpoint "
+                                 f"(use provider_model_id)")
+            if kind != REMOTE and m.provider_model_id:
+                raise ValueError(f"models[{k}].provider_model_id: only remote models have one")
+        if any(not k for k in self.api_keys):
+            raise ValueError("api_keys: an API key must not be empty")
+        return self
+
+    @classmethod
+    def default(cls, **overrides) -> RunConfig:
+        """The zero-configuration server: the default model inline plus MiniLM embeddings."""
+        from corral.models.config import DEFAULT_MODEL
+
+        return cls(providers=[ProviderConfig(provider_id="corral", provider_type=INLINE),
+                              ProviderConfig(provider_id="sentence-transformers", provider_type=EMBEDDINGS)],
+                   models=[ModelEntry(model_id=DEFAULT_MODEL, provider_id="corral"),
+                           ModelEntry(model_id=DEFAULT_EMBEDDING_MODEL, provider_id="sentence-transformers",
+                                      model_type="embedding")],
+                   **overrides)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return "; ".join(lines)
+
+
+def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
+    """Read and validate a run config (None: the default). `overrides` (e.g. port) win over the file."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if path is None:
+        try:
+            return RunConfig.default(**overrides)
+        except ValidationError as e:
+            raise ConfigError(f"default run config: {_format_errors(e)}") from None
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: run config not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a YAML mapping, got {type(data).__name__}")
+    data.update(overrides)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_errors(e)}") from None
+    if not cfg.providers and not cfg.models:  # only server settings: serve the defaults
+        default = RunConfig.default()
+        cfg = cfg.model_copy(update={"providers": default.providers, "models": default.models})
+    elif not cfg.models:
+        raise ConfigError(f"{path}: models: no models to serve")
+    cfg.storage_dir = Path(cfg.storage_dir).expanduser()
+    return cfg

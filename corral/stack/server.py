@@ -1,0 +1,441 @@
+"""The Corral server: FastAPI routes over a few providers (OpenAI and Llama Stack compatible).
+
+A request crosses at most route -> router (`Stack`: model id -> provider) -> provider, as one
+validated request object. Around the routes:
+  - errors are OpenAI's body `{"error": {message, type, param, code}}`; an unknown request field is a
+    400 that names it (the request models forbid extras);
+  - an ASGI guard refuses bodies over `max_body_bytes` (413) and, when API keys are configured,
+    requests without a valid `Authorization: Bearer` key (401) on every route but /v1/health;
+  - streams are Server-Sent Events ending in `data: [DONE]`; a client that disconnects closes the
+    provider's iterator, which stops its generation;
+  - every chat completion (streamed or not; inline or remote) is stored in SQLite for
+    `GET /v1/chat/completions[/{id}]`, unless the request says `store: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import corral
+from corral.stack.api import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelInfo
+from corral.stack.config import EMBEDDINGS, INLINE, REMOTE, RunConfig
+from corral.stack.store import CompletionStore
+
+log = logging.getLogger("corral.server")
+
+
+# ---------------------------------------------------------------------------------------------
+# The router
+
+
+class Stack:
+    """Providers, the models they serve, and the completion store."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.providers: dict[str, object] = {}
+        load_at_start = cfg.load == "startup"
+        for p in cfg.providers:
+            entries = [m for m in cfg.models if m.provider_id == p.provider_id]
+            if p.provider_type == INLINE:
+                from corral.stack.providers.inline import InlineProvider
+
+                prov = InlineProvider(p.provider_id, entries, max_queue=cfg.max_queue, load_at_start=load_at_start)
+            elif p.provider_type == EMBEDDINGS:
+                from corral.stack.providers.embeddings import SentenceTransformersProvider
+
+                prov = SentenceTransformersProvider(p.provider_id, entries, load_at_start=load_at_start)
+            elif p.provider_type == REMOTE:
+                from corral.stack.providers.remote import RemoteProvider
+
+                prov = RemoteProvider(p.provider_id, p.remote, entries)
+            else:  # pragma: no cover - the config validates provider_type
+                raise ValueError(p.provider_type)
+            self.providers[p.provider_id] = prov
+        self.store = CompletionStore(cfg.storage_dir)
+
+    def models(self) -> list[ModelInfo]:
+        return [m for p in self.providers.values() for m in p.models()]
+
+    def resolve(self, model_id: str, kind: str) -> tuple[ModelInfo, object]:
+        for p in self.providers.values():
+            for m in p.models():
+                if m.id == model_id:
+                    if m.model_type != kind:
+                        raise APIError(400, f"model {model_id!r} is an {m.model_type} model, not an {kind} model",
+                                       param="model", code="wrong_model_type")
+                    return m, p
+        known = sorted(m.id for m in self.models() if m.model_type == kind)
+        raise APIError(404, f"model {model_id!r} is not served here (available: {known})",
+                       param="model", code="model_not_found")
+
+    async def start(self) -> None:
+        for p in self.providers.values():
+            await p.start()
+
+    async def close(self) -> None:
+        for p in self.providers.values():
+            await p.close()
+        self.store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Body limit and API keys (plain ASGI, so a large body is refused before it is read into memory)
+
+
+class Guard:
+    def __init__(self, app, *, max_body_bytes: int, api_keys: list[str]):
+        self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, [k.encode() for k in api_keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_keys and scope["path"].rstrip("/") != "/v1/health":
+            auth = headers.get(b"authorization", b"")
+            key = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not any(hmac.compare_digest(key, k) for k in self.api_keys):
+                msg = "missing API key: send 'Authorization: Bearer <key>'" if not key else "invalid API key"
+                return await _send_error(send, APIError(401, msg, type="authentication_error",
+                                                        code="invalid_api_key"))
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _send_error(send, _too_large(self.max_body_bytes))
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_error(send, _too_large(self.max_body_bytes))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds the server's limit of {limit} bytes", code="request_too_large")
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
+    """One readable message for pydantic's errors; the first error's field is the `param`."""
+    parts, param, code = [], None, "invalid_request"
+    for e in errors:
+        # union members show up as loc steps like 'str' / 'list[int]': drop them from the path
+        loc = [p for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and (
+            "[" in p or "-" in p or p in ("str", "int", "float", "bool", "dict")))]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unrecognized request field {path!r}: Corral does not implement it")
+            code = "unknown_field"
+        elif e["type"] == "json_invalid":
+            parts.append(f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}")
+        elif not path and e["type"] in ("model_attributes_type", "dict_type", "model_type"):
+            parts.append("the request body must be a JSON object (send Content-Type: application/json)")
+        elif e["type"] == "missing":
+            parts.append(f"{path}: field required")
+        else:
+            parts.append(f"{path}: {e['msg'].removeprefix('Value error, ')}" if path else e["msg"])
+        param = param or path or None
+    seen, unique = set(), []
+    for p in parts:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return "; ".join(unique[:5]), param, code
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+def _sse(chunks: AsyncIterator[dict], on_complete=None) -> StreamingResponse:
+    async def events():
+        done = False
+        try:
+            async for chunk in chunks:
+                if on_complete is not None:
+                    on_complete(chunk, False)
+                yield f"data: {json.dumps(chunk)}\n\n"
+            done = True
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # after the response started: report in-band, as OpenAI does
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # noqa: BLE001
+            log.exception("stream failed")
+            yield f"data: {json.dumps(APIError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+        finally:
+            await chunks.aclose()
+            if done and on_complete is not None:
+                on_complete(None, True)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _ChatAccumulator:
+    """Rebuilds the chat.completion object from its streamed chunks (for the store)."""
+
+    def __init__(self):
+        self.head: dict | None = None
+        self.choices: dict[int, dict] = {}
+        self.usage = None
+
+    def add(self, chunk: dict) -> None:
+        if self.head is None:
+            self.head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for c in chunk.get("choices", []):
+            ch = self.choices.setdefault(c["index"], {"index": c["index"], "finish_reason": None, "logprobs": None,
+                                                      "message": {"role": "assistant", "content": None}})
+            delta = c.get("delta") or {}
+            msg = ch["message"]
+            if delta.get("content"):
+                msg["content"] = (msg["content"] or "") + delta["content"]
+            for tc in delta.get("tool_calls") or []:
+                calls = msg.setdefault("tool_calls", [])
+                while len(calls) <= tc.get("index", 0):
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                call = calls[tc.get("index", 0)]
+                if tc.get("id"):
+                    call["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                call["function"]["name"] += fn.get("name") or ""
+                call["function"]["arguments"] += fn.get("arguments") or ""
+            lp = c.get("logprobs")
+            if lp and lp.get("content"):
+                ch["logprobs"] = ch["logprobs"] or {"content": []}
+                ch["logprobs"]["content"].extend(lp["content"])
+            if c.get("finish_reason"):
+                ch["finish_reason"] = c["finish_reason"]
+
+    def completion(self) -> dict:
+        out = {**(self.head or {}), "object": "chat.completion",
+               "choices": [self.choices[i] for i in sorted(self.choices)]}
+        for ch in out["choices"]:
+            if ch["message"]["content"] is None and not ch["message"].get("tool_calls"):
+                ch["message"]["content"] = ""
+        if self.usage:
+            out["usage"] = self.usage
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(cfg: RunConfig) -> FastAPI:
+    stack = Stack(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await stack.start()
+        log.info("serving %s", ", ".join(m.id for m in stack.models()))
+        yield
+        await stack.close()
+
+    app = FastAPI(title="Corral", version=corral.__version__, lifespan=lifespan, docs_url="/docs",
+                  openapi_url="/openapi.json", redoc_url=None)
+    app.state.stack = stack
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, err: APIError):
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        message, param, code = _validation_message(err.errors())
+        return _error_response(APIError(400, message, param=param, code=code))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        return _error_response(APIError(err.status_code, message, type=kind))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, err: Exception):
+        log.exception("request failed")
+        return _error_response(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+
+    # -- inference ------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        _check_supported(req)
+        model, provider = stack.resolve(req.model, "llm")
+        result = await _unless_disconnected(request, provider.chat_completion(model, req))
+        store = req.store is not False
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        extra = {k: v for k, v in (("metadata", req.metadata), ("user", req.user)) if v}
+        if not req.stream:
+            if store:
+                await asyncio.to_thread(stack.store.put, {**result, **extra}, messages)
+            return result
+        acc = _ChatAccumulator()
+
+        def on_chunk(chunk, finished):
+            if chunk is not None:
+                acc.add(chunk)
+            elif store and acc.head:
+                stack.store.put({**acc.completion(), **extra}, messages)
+
+        return _sse(result, on_chunk)
+
+    @app.get("/v1/chat/completions")
+    async def list_chat_completions(limit: int = 20, order: str = "desc", after: str | None = None,
+                                    model: str | None = None):
+        if not 1 <= limit <= 100:
+            raise APIError(400, f"limit must be between 1 and 100, got {limit}", param="limit")
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        try:
+            return await asyncio.to_thread(stack.store.list, limit=limit, order=order, after=after, model=model)
+        except KeyError:
+            raise APIError(400, f"after: no chat completion with id {after!r}", param="after") from None
+
+    @app.get("/v1/chat/completions/{completion_id}")
+    async def get_chat_completion(completion_id: str):
+        found = await asyncio.to_thread(stack.store.get, completion_id)
+        if found is None:
+            raise APIError(404, f"chat completion {completion_id!r} not found", type="not_found_error",
+                           code="not_found")
+        return found
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        _check_supported(req)
+        model, provider = stack.resolve(req.model, "llm")
+        result = await _unless_disconnected(request, provider.completion(model, req))
+        return _sse(result) if req.stream else result
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        model, provider = stack.resolve(req.model, "embedding")
+        return await provider.embeddings(model, req)
+
+    # -- models, providers, health ------------------------------------------------------------
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [m.to_openai() for m in stack.models()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        for m in stack.models():
+            if m.id == model_id:
+                return m.to_openai()
+        raise APIError(404, f"model {model_id!r} not found", type="not_found_error", code="model_not_found")
+
+    async def provider_info(pid: str) -> dict:
+        p = next(c for c in cfg.providers if c.provider_id == pid)
+        config = copy.deepcopy(p.config)
+        if config.get("api_key"):
+            config["api_key"] = "********"
+        api = "embeddings" if p.provider_type == EMBEDDINGS else "inference"
+        return {"api": api, "provider_id": pid, "provider_type": p.provider_type, "config": config,
+                "health": await stack.providers[pid].health()}
+
+    @app.get("/v1/providers")
+    async def list_providers():
+        return {"data": [await provider_info(pid) for pid in stack.providers]}
+
+    @app.get("/v1/providers/{provider_id}")
+    async def get_provider(provider_id: str):
+        if provider_id not in stack.providers:
+            raise APIError(404, f"provider {provider_id!r} not found (have {sorted(stack.providers)})",
+                           type="not_found_error", code="not_found")
+        return await provider_info(provider_id)
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "OK"}
+
+    @app.get("/v1/version")
+    async def version():
+        return {"version": corral.__version__}
+
+    @app.get("/v1/inspect/routes")
+    async def inspect_routes():
+        inference = sorted({p.provider_type for p in cfg.providers if p.provider_type != EMBEDDINGS})
+        embedding = sorted({p.provider_type for p in cfg.providers if p.provider_type == EMBEDDINGS})
+        data = []
+        for r in app.routes:
+            if getattr(r, "path", "").startswith("/v1/"):
+                types = (inference if r.path in ("/v1/chat/completions", "/v1/completions")
+                         else embedding if r.path == "/v1/embeddings" else [])
+                for method in sorted(getattr(r, "methods", ()) - {"HEAD"}):
+                    data.append({"route": r.path, "method": method, "provider_types": types})
+        return {"data": data}
+
+    guarded = Guard(app, max_body_bytes=cfg.max_body_bytes, api_keys=cfg.api_keys)
+    guarded.fastapi = app
+    return guarded
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await a provider call; if the client disconnects first, cancel it (its generation stops)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - nobody is listening
+                pass
+            raise APIError(499, "client disconnected", code="client_disconnected")
+
+
+def _check_supported(req) -> None:
+    problems = req.unsupported()
+    if problems:
+        field, why = problems[0]
+        raise APIError(400, why, param=field, code="unsupported_parameter")

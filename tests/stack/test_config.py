@@ -1,0 +1,83 @@
+"""Run config validation: every mistake names the file and the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from corral.models.config import DEFAULT_MODEL
+from corral.stack.config import ConfigError, RunConfig, load_run_config
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_default_config_serves_the_default_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    cfg = load_run_config(None)
+    assert cfg.port == 8321 and cfg.load == "startup" and cfg.api_keys == []
+    assert [(m.model_id, m.model_type) for m in cfg.models] == [(DEFAULT_MODEL, "llm"), ("all-MiniLM-L6-v2", "embedding")]
+    assert cfg.storage_dir == tmp_path / "server"
+    # a file with only server settings serves the defaults too
+    cfg = load_run_config(write(tmp_path, {"port": 9000, "api_keys": ["k"]}))
+    assert cfg.port == 9000 and cfg.models[0].model_id == DEFAULT_MODEL
+    assert load_run_config(write(tmp_path, {"port": 9000}), port=9100).port == 9100  # CLI overrides win
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"prot": 8000}, "prot: unknown key"),
+    ({"port": "eighty"}, "port:"),
+    ({"port": 70000}, "port:"),
+    ({"load": "lazy"}, "load:"),
+    ({"api_keys": [""]}, "api_keys"),
+    ({"providers": [{"provider_id": "p", "provider_type": "remote::vllm"}], "models": []}, "providers[0].provider_type"),
+    ({"providers": [{"provider_id": "p", "provider_type": "remote::openai-compatible", "config": {}}],
+      "models": [{"model_id": "m", "provider_id": "p"}]}, "providers[0].base_url"),
+    ({"providers": [{"provider_id": "p", "provider_type": "remote::openai-compatible",
+                     "config": {"base_url": "gpu-box:8000", "api_key": "x"}}],
+      "models": [{"model_id": "m", "provider_id": "p"}]}, "base_url"),
+    ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}],
+      "models": [{"model_id": "m", "provider_id": "q"}]}, "models[0].provider_id: 'q'"),
+    ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}],
+      "models": [{"model_id": "m", "provider_id": "p", "model_type": "embedding"}]}, "models[0].model_type"),
+    ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}],
+      "models": [{"model_id": "m", "provider_id": "p", "checkpont": "x"}]}, "models[0].checkpont: unknown key"),
+    ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}],
+      "models": [{"model_id": "m", "provider_id": "p"}, {"model_id": "m", "provider_id": "p"}]}, "appears twice"),
+    ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}]}, "models: no models"),
+])
+def test_bad_config_names_the_key(tmp_path, data, key):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(path)
+    assert str(e.value).startswith(path) and key in str(e.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(write(tmp_path, "port: [8321"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_remote_config_is_parsed():
+    cfg = RunConfig.model_validate({
+        "providers": [{"provider_id": "vllm", "provider_type": "remote::openai-compatible",
+                       "config": {"base_url": "http://gpu:8000/v1", "api_key": "sk"}}],
+        "models": [{"model_id": "big", "provider_id": "vllm", "provider_model_id": "meta-llama/Llama-3.1-8B-Instruct"}]})
+    assert cfg.providers[0].remote.base_url == "http://gpu:8000/v1" and cfg.providers[0].remote.api_key == "sk"
+
+
+def test_corral_serve_refuses_a_bad_config(tmp_path):
+    path = write(tmp_path, {"port": 8321, "modles": []})
+    r = subprocess.run([sys.executable, "-m", "corral.cli.main", "serve", "--config", path], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "modles: unknown key" in r.stderr and path in r.stderr

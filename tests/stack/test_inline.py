@@ -1,0 +1,146 @@
+"""The inline provider's stream logic on a scripted fake LLM (fast; the real model runs in test_server.py).
+
+What is checked here is the part a real model makes hard to steer: text that is or is not a tool
+call, split at awkward places, and the worker's bounded queue and cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from corral.stack.api import APIError, ChatCompletionRequest
+from corral.stack.config import ModelEntry
+from corral.stack.providers.inline import ModelWorker, _ChatJob
+from corral.stack.server import _ChatAccumulator
+from corral.tokenizer.base import AssistantMessage
+from corral.tokenizer.tool_calls import extract_tool_calls
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@dataclass
+class FakeChunk:
+    text: str
+    token_ids: list[int]
+    logprobs: None = None
+    finish_reason: str | None = None
+    completion: None = None
+
+
+@dataclass
+class FakeLLM:
+    """Streams a scripted reply in the given pieces; counts what was generated."""
+
+    pieces: list[str]
+    name: str = "fake"
+    context_length: int = 64
+    config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(chat_format="jinja", family="llama",
+                                                                            tool_format="json"))
+    generated: int = 0
+
+    @property
+    def chat_format(self):
+        llm = self
+
+        class Format:
+            def encode_dialog(self, messages, tools=None, tool_choice=None):
+                return [1] * (3 + 10 * len(tools or []))
+
+            def parse_response(self, text, tools=None):
+                content, calls = extract_tool_calls(text, tools=tools)
+                return AssistantMessage(content, calls)
+
+        return Format()
+
+    def generate(self, ids, params, *, stream, add_bos, logits_processor=None):
+        for k, piece in enumerate(self.pieces):
+            self.generated += 1
+            last = k == len(self.pieces) - 1
+            yield FakeChunk(piece, [k], finish_reason="stop" if last else None)
+
+
+def stream(pieces, **req):
+    req = ChatCompletionRequest(model="fake", messages=[{"role": "user", "content": "hi"}], **req)
+    worker = SimpleNamespace(count=lambda chunk: len(chunk.token_ids), closed=threading.Event())
+    return list(_ChatJob(FakeLLM(pieces), req, "fake", worker).stream(threading.Event()))
+
+
+def test_tool_call_text_becomes_tool_call_deltas():
+    pieces = ["<tool", "_call>", '{"name": "get_', 'weather", "arguments": {"city": ', '"Paris"}}', "</tool_call>"]
+    chunks = stream(pieces, tools=[WEATHER], stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert not "".join(d.get("content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""} and calls[0]["id"].startswith("call_")
+    assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    acc = _ChatAccumulator()  # what the store rebuilds from the stream
+    for c in chunks:
+        acc.add(c)
+    msg = acc.completion()["choices"][0]["message"]
+    assert msg["content"] is None and json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_plain_text_streams_as_it_comes_even_with_tools():
+    chunks = stream(["Hel", "lo [", "world]", "!"], tools=[WEATHER], stream=True)
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert contents == ["Hel", "lo [", "world]", "!"]  # "H" cannot start a call: nothing held
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # text that might open a call is held until it cannot, then released in one piece
+    chunks = stream([" ", "<", "tool", "x> hi", "!"], tools=[WEATHER], stream=True)
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert contents == [" <toolx> hi", "!"]
+
+
+def test_bracketed_text_that_is_not_a_call_is_released_as_content():
+    chunks = stream(["[1, ", "2, 3]"], tools=[WEATHER], stream=True)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "[1, 2, 3]" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_without_tools_nothing_is_held_and_usage_is_last():
+    chunks = stream(["[not", " a call"], stream=True, n=2, stream_options={"include_usage": True})
+    by_choice = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c["choices"]:
+            by_choice[ch["index"]] += ch["delta"].get("content") or ""
+    assert by_choice == {0: "[not a call", 1: "[not a call"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
+                                                                   "total_tokens": 7}
+
+
+def test_worker_queue_is_bounded_and_cancel_stops_generation():
+    async def main():
+        worker = ModelWorker(ModelEntry(model_id="fake", provider_id="p"), max_queue=1)
+        gate = threading.Event()
+        produced = []
+
+        def slow(llm, cancel):
+            for k in range(1000):
+                gate.wait(5)
+                produced.append(k)
+                yield {"k": k}
+
+        worker.llm = object()  # "loaded"
+        first = worker.stream(slow)
+        second = worker.stream(lambda llm, cancel: iter([{"k": "second"}]))
+        with pytest.raises(APIError) as e:
+            worker.stream(slow)
+        assert e.value.status == 429 and e.value.headers["Retry-After"]
+        gate.set()
+        assert (await first.__anext__()) == {"k": 0}
+        await first.aclose()  # the client went away
+        assert [x async for x in second] == [{"k": "second"}]  # ran after the first stopped
+        assert len(produced) < 1000
+        await asyncio.sleep(0.05)
+        assert worker._pending == 0
+        worker.shutdown()
+
+    asyncio.run(main())
