@@ -25,3 +25,11 @@ def llama3_tokenizer_model() -> Path:
     path = Path(spec.origin).parent / "llama3" / "tokenizer.model"
     assert path.is_file(), f"{path} is missing from the llama-models wheel"
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_gguf):
+    """The real SmolLM2 loaded once through the Python API (`corral.api.LLM`), shared by the tests that use it."""
+    from corral.api import LLM
+
+    return LLM.load(smollm2_gguf)

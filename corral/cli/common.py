@@ -1,0 +1,67 @@
+"""Options shared by `corral chat` and `corral generate`: model loading and sampling (OpenAI field names)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="weight dtype (default: the checkpoint's; quantized GGUF files load as fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    g = p.add_argument_group("sampling (OpenAI request fields)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"most new tokens to generate (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 = greedy; higher = more random (default 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens summing to P (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the top token's probability (0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (not printed); repeatable")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide logits of tokens already in prompt or output by R (1.0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="subtract F x (times generated) from a token's logit, -2..2 (0 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="subtract P from the logit of every token generated so far, -2..2 (0 = off)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's end-of-turn token")
+
+
+def sampling_params(args):
+    from corral.engine.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.7 if args.temperature is None else args.temperature,
+        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=list(args.stop),
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, ignore_eos=args.ignore_eos)
+    params.validate()  # a bad value fails before the model loads
+    return params
+
+
+def load_llm(model: str | None, args, quiet: bool = False):
+    """Load a model by registry name, directory or .gguf path; report the time on stderr."""
+    import torch
+
+    from corral.api import LLM
+    from corral.models.config import DEFAULT_MODEL
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype)
+    seconds = time.perf_counter() - start
+    if not quiet:
+        print(f"corral: loaded {llm.name} in {seconds:.1f}s", file=sys.stderr)
+    return llm, seconds
