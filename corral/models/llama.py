@@ -94,7 +94,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None,
+                kv_len: int | None = None) -> Tensor:
         b, t, _ = x.shape
         q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), rope)
@@ -102,7 +103,9 @@ class Attention(nn.Module):
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (B, heads, T, hd)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-        if mask is None:
+            if kv_len is not None:  # attend over the filled part of the cache only
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        if mask is None:  # no cache, or a prefill from position 0: plain causal
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -128,8 +131,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None,
+                kv_len: int | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -163,26 +167,39 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.rope, self.max_batch, self.max_seq_len = None, 0, 0
 
+    def positions(self, t: int, input_pos: Tensor | None, mask: Tensor | None, kv_len: int | None,
+                  device) -> tuple[Tensor, Tensor | None, int | None]:
+        """Rope rows, attention mask and attended cache length for T tokens at input_pos.
+
+        Without caches: positions 0..T-1, causal (mask None). With caches, attention covers the cache up
+        to the last position written (kv_len), so a short request in a large cache does not pay for the
+        empty rest; a prefill from position 0 needs no mask at all. Pass kv_len=max_seq_len to keep
+        shapes static (torch.compile); by default it is read off input_pos.
+        """
+        if self.rope is None:
+            return rope_table(self.config, t, device), mask, None
+        if input_pos is None:
+            raise ValueError("input_pos is required when KV caches are set up")
+        if kv_len is None:
+            kv_len = int(input_pos[-1]) + 1
+        if mask is not None:
+            return self.rope[input_pos], mask[..., :kv_len], kv_len
+        if kv_len == t and t > 1 and int(input_pos[0]) == 0:
+            return self.rope[input_pos], None, kv_len
+        cache_pos = torch.arange(kv_len, device=device)
+        return self.rope[input_pos], (input_pos[:, None] >= cache_pos[None, :])[None, None], kv_len
+
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, kv_len: int | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) in fp32, or (B, 1, vocab) with last_only.
 
-        With caches set up, input_pos (T,) gives the positions of the tokens; the default mask is
-        causal over the cache. mask, if given, is a bool (B or 1, 1, T, S) "may attend" mask.
+        With caches set up, input_pos (T,) gives the positions of the tokens (increasing); the default
+        mask is causal over the cache. mask, if given, is a bool (B or 1, 1, T, S) "may attend" mask.
         """
-        t = tokens.shape[1]
-        if self.rope is None:  # no cache: positions 0..T-1, causal attention
-            rope = rope_table(self.config, t, tokens.device)
-        else:
-            if input_pos is None:
-                raise ValueError("input_pos is required when KV caches are set up")
-            rope = self.rope[input_pos]
-            if mask is None:
-                cache_pos = torch.arange(self.max_seq_len, device=tokens.device)
-                mask = (input_pos[:, None] >= cache_pos[None, :])[None, None]
+        rope, mask, kv_len = self.positions(tokens.shape[1], input_pos, mask, kv_len, tokens.device)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask)
+            x = layer(x, rope, input_pos, mask, kv_len)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
