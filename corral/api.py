@@ -147,23 +147,33 @@ class LLM:
         return len(self.encode_chat(text_or_messages))
 
     def generate_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
-                        logits_processor: LogitsProcessor | None = None, **sampling) -> Iterator[TokenStep]:
-        """Token-level access: the engine's TokenSteps for prompt ids, stopping on the model's stop tokens."""
+                        logits_processor: LogitsProcessor | None = None, images: list | None = None,
+                        **sampling) -> Iterator[TokenStep]:
+        """Token-level access: the engine's TokenSteps for prompt ids, stopping on the model's stop tokens.
+        images: for vision models, one image per `<|image|>` token of the prompt."""
         params = _params(params, sampling)
+        prompt_ids = self._prepare_images(prompt_ids, images)
         return generate_tokens(self.model, prompt_ids, params, stop_ids=self.tokenizer.stop_ids,
                                logits_processor=self._vocab_guard(logits_processor))
 
     # --- text --------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *, stream: bool = False,
-                 add_bos: bool = True, logits_processor: LogitsProcessor | None = None,
+                 add_bos: bool = True, logits_processor: LogitsProcessor | None = None, images: list | None = None,
                  **sampling) -> Completion | Iterator[Chunk]:
         """Complete a raw prompt (text or ids). Sampling options as keywords (max_tokens=, temperature=,
         top_p=, top_k=, min_p=, seed=, stop=, repetition_penalty=, frequency_penalty=, presence_penalty=,
-        ignore_eos=, logprobs=) or as a SamplingParams. stream=True yields Chunks."""
+        ignore_eos=, logprobs=) or as a SamplingParams. stream=True yields Chunks. Vision models: images
+        (paths, bytes, PIL images or data URLs), one per `<|image|>` in the prompt."""
         params = _params(params, sampling)
-        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, add_bos=add_bos)
-        chunks = self._stream(ids, params, logits_processor)
+        if isinstance(prompt, str) and images:  # each `<|image|>` in the text marks where an image goes
+            first, *rest = prompt.split("<|image|>")
+            ids = self.encode(first, add_bos=add_bos)
+            for piece in rest:
+                ids += [self.tokenizer.special_tokens["<|image|>"], *self.tokenizer.encode(piece)]
+        else:
+            ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, add_bos=add_bos)
+        chunks = self._stream(ids, params, logits_processor, images=images)
         if stream:
             return self._checked(chunks)
         return _collect(chunks)
@@ -174,8 +184,14 @@ class LLM:
         """Reply to OpenAI-style messages. The result's `message` holds the text and parsed tool calls;
         streamed, the last Chunk carries it."""
         params = _params(params, sampling)
+        from corral.tokenizer.chat import dialog_images
+
+        images = dialog_images(messages)  # image content items, in prompt order
+        if images and tools:
+            raise ValueError("tool calling is not supported with images in the prompt (Llama 3.2 Vision); "
+                             "send the images or the tools, not both")
         ids = self.encode_chat(messages, tools=tools, tool_choice=tool_choice)
-        chunks = self._stream(ids, params, logits_processor, parse_tools=tools, chat=True)
+        chunks = self._stream(ids, params, logits_processor, parse_tools=tools, chat=True, images=images)
         if stream:
             return self._checked(chunks)
         return _collect(chunks)
@@ -218,9 +234,23 @@ class LLM:
                             logprob=step.logprob, bytes=list(raw),
                             top_logprobs=[(text(t), lp) for t, lp in step.top_logprobs or []])
 
+    def _prepare_images(self, prompt_ids: list[int], images: list | None) -> list[int]:
+        """Vision models: encode this request's images (or forget the last request's) before generating."""
+        if getattr(self.config, "family", "llama") != "mllama":
+            if images:
+                raise ValueError(f"{self.name} is a text model and cannot take images; use a Llama 3.2 Vision model")
+            return prompt_ids
+        # Hugging Face tokenizers write <|image|> as 128256 (the model's first extra embedding row), which
+        # the engine refuses as out of the vocabulary; the model reads Meta's 128011 as the same token.
+        ids = [self.model.args.image_placeholder_id if t == self.model.image_token_id else t for t in prompt_ids]
+        self.model.set_images(list(images or []), ids)
+        return ids
+
     def _stream(self, prompt_ids: list[int], params: SamplingParams, logits_processor, *,
-                parse_tools: list[dict] | None = None, chat: bool = False) -> Iterator[Chunk]:
+                parse_tools: list[dict] | None = None, chat: bool = False,
+                images: list | None = None) -> Iterator[Chunk]:
         """Engine steps -> text Chunks; the last chunk has finish_reason, the parsed message and the totals."""
+        prompt_ids = self._prepare_images(prompt_ids, images)
         want_logprobs = params.logprobs is not None
         decoder, stops = _stream_decoder(self.tokenizer), StopStringMatcher(params.stop)
         steps = generate_tokens(self.model, prompt_ids, params, stop_ids=self.tokenizer.stop_ids,

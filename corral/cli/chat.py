@@ -15,7 +15,8 @@ import sys
 
 from corral.cli.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
 
-HELP = "/reset: forget the conversation   /exit: quit   Ctrl-C: stop a reply   \"\"\" or \\: multi-line input"
+HELP = ("/reset: forget the conversation   /image PATH: attach an image to your next message (vision models)   "
+        "/exit: quit   Ctrl-C: stop a reply   \"\"\" or \\: multi-line input")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +97,18 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             continue
         if command in ("/help", "/?"):
             print(HELP, file=sys.stderr)
+            continue
+        if command == "/image" or command.startswith("/image "):
+            path = command[len("/image"):].strip()
+            try:
+                from corral.models.image import load_image
+
+                load_image(path)  # a bad path or file is reported now, not with the next message
+            except ValueError as e:
+                print(f"corral: error: {e}" if path else "usage: /image PATH", file=sys.stderr)
+                continue
+            images.append(path)
+            print(f"(image {path} will be sent with your next message)", file=sys.stderr)
             continue
         if not command:
             continue

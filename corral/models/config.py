@@ -126,3 +126,29 @@ def known_models() -> list[ModelConfig]:
     for config in REGISTRY.values():
         seen.setdefault(config.name, config)
     return list(seen.values())
+
+# Llama 3.2 Vision (spec §1.2): the text trunk of Llama 3.1 8B / 70B with gated cross-attention blocks
+# before the self-attention layers listed in `cross_attention_layers` (Meta's fusion schedule), 8
+# learnable embedding rows after the vocabulary (`<|image|>` = 128256 is row 0), and the encoder numbers
+# of corral/models/vision.py `VisionArgs`. Custom tools use the JSON format (tool_format "json").
+_VISION_ENCODER = dict(image_size=560, patch_size=14, max_num_tiles=4, width=1280, layers=32, global_layers=8,
+                       heads=16, mlp_dim=5120, norm_eps=1e-5, intermediate_layers=[3, 7, 15, 23, 30],
+                       n_learnable_embeddings=8)
+_LLAMA_3_2_11B_VISION = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=LLAMA3_VOCAB_SIZE,
+                             ffn_hidden_dim=14336, rope_scaling=RopeScaling(factor=8.0), family="mllama",
+                             tool_format="json",
+                             vision={**_VISION_ENCODER, "cross_attention_layers": [3, 7, 11, 15, 19, 23, 27, 31]})
+_LLAMA_3_2_90B_VISION = dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=LLAMA3_VOCAB_SIZE,
+                             ffn_hidden_dim=28672, rope_scaling=RopeScaling(factor=8.0), family="mllama",
+                             tool_format="json",
+                             vision={**_VISION_ENCODER, "cross_attention_layers": list(range(3, 80, 4))})
+register(ModelConfig(name="Llama-3.2-11B-Vision", hf_repo="meta-llama/Llama-3.2-11B-Vision", **_LLAMA_3_2_11B_VISION),
+         "llama3.2-11b-vision")
+register(ModelConfig(name="Llama-3.2-11B-Vision-Instruct", hf_repo="meta-llama/Llama-3.2-11B-Vision-Instruct",
+                     **_LLAMA_3_2_11B_VISION), "llama3.2-11b-vision-instruct", "llama3.2-vision", "llama3.2-vision:11b")
+register(ModelConfig(name="Llama-3.2-90B-Vision", hf_repo="meta-llama/Llama-3.2-90B-Vision", **_LLAMA_3_2_90B_VISION),
+         "llama3.2-90b-vision")
+register(ModelConfig(name="Llama-3.2-90B-Vision-Instruct", hf_repo="meta-llama/Llama-3.2-90B-Vision-Instruct",
+                     **_LLAMA_3_2_90B_VISION), "llama3.2-90b-vision-instruct", "llama3.2-vision:90b")
+register(ModelConfig(name="Llama-Guard-3-11B-Vision", hf_repo="meta-llama/Llama-Guard-3-11B-Vision",
+                     **_LLAMA_3_2_11B_VISION), "llama-guard3:11b")
