@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corral.models.config import ModelConfig
-from corral.models.llama import FeedForward, RMSNorm, Transformer, rope_table
+from corral.models.llama import FeedForward, RMSNorm, Transformer
 
 @dataclass(frozen=True)
 class VisionArgs:
@@ -320,22 +320,16 @@ class MllamaTextModel(Transformer):
         return x
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, xattn: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        t = tokens.shape[1]
-        if self.rope is None:
-            rope = rope_table(self.config, t, tokens.device)
-        else:
-            if input_pos is None:
-                raise ValueError("input_pos is required when KV caches are set up")
-            rope = self.rope[input_pos]
-            if mask is None:
-                cache_pos = torch.arange(self.max_seq_len, device=tokens.device)
-                mask = (input_pos[:, None] >= cache_pos[None, :])[None, None]
+                last_only: bool = False, xattn: tuple[Tensor, Tensor] | None = None,
+                kv_len: int | None = None) -> Tensor:
+        """As `Transformer.forward`; xattn = (mask, row_mask) from `cross_attention_masks` runs the
+        cross-attention blocks before the self-attention layers of the fusion schedule."""
+        rope, mask, kv_len = self.positions(tokens.shape[1], input_pos, mask, kv_len, tokens.device)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             if xattn is not None and i in self.fusion:
                 x = self.cross_attention_layers[self.fusion[i]](x, *xattn)
-            x = layer(x, rope, input_pos, mask)
+            x = layer(x, rope, input_pos, mask, kv_len)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -471,11 +465,11 @@ class MllamaTransformer(nn.Module):
         return mask, row.to(self.text_model.tok_embeddings.weight.dtype)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, kv_len: int | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) fp32; as `Transformer.forward`, plus the images set."""
         tokens = self._model_tokens(tokens)
         xattn = None
         if self.has_images:
             pos = input_pos if input_pos is not None else torch.arange(tokens.shape[1], device=tokens.device)
             xattn = self.cross_attention_masks(pos, tokens.shape[0])
-        return self.text_model(tokens, input_pos, mask, last_only, xattn)
+        return self.text_model(tokens, input_pos, mask, last_only, xattn, kv_len)
