@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("corral", "transformers", "llama.cpp")
+ENGINES = ("corral", "corral-int8", "transformers", "llama.cpp")
 MODELS = ("smollm2", "llama-1b")
 
 
@@ -171,7 +171,7 @@ def prepare(model: str, workdir: Path) -> dict[str, Path]:
 
             ckpt = load_checkpoint(gguf_path)
             write_hf_checkpoint(ckpt.state_dict, ckpt.config, hf_dir, torch.float32)
-        return {"corral": gguf_path, "transformers": hf_dir, "llama.cpp": gguf_path}
+        return {"corral": gguf_path, "corral-int8": gguf_path, "transformers": hf_dir, "llama.cpp": gguf_path}
     hf_dir, gguf_path = workdir / "llama-1b-random-hf-bf16", workdir / "llama-1b-random-f16.gguf"
     if not (hf_dir / "model.safetensors").is_file() or not gguf_path.is_file():
         import torch
@@ -180,7 +180,7 @@ def prepare(model: str, workdir: Path) -> dict[str, Path]:
         config, state = random_llama_1b()
         write_hf_checkpoint(state, config, hf_dir, torch.bfloat16)
         write_gguf(state, config, gguf_path)
-    return {"corral": hf_dir, "transformers": hf_dir, "llama.cpp": gguf_path}
+    return {"corral": hf_dir, "corral-int8": hf_dir, "transformers": hf_dir, "llama.cpp": gguf_path}
 
 
 # --- one engine, in its own process ----------------------------------------------------------------------
@@ -192,14 +192,14 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, min(vocab, 32000)) for _ in range(n)]
 
 
-def run_corral(path, args, dtype):
+def run_corral(path, args, dtype, quantize=None):
     import torch
 
     from corral.checkpoints import load_model
     from corral.engine.generate import generate_tokens
     from corral.engine.sampling import SamplingParams
 
-    model, _ = load_model(path, dtype=dtype)
+    model, _ = load_model(path, dtype=dtype, quantize=quantize)
     prompt = prompt_ids(args.prompt_tokens, model.config.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
 
@@ -280,8 +280,11 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     start = time.perf_counter()
-    runner = {"corral": run_corral, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.child]
-    runs = runner(args.path, args, dtype)
+    if args.child == "corral-int8":  # weight-only int8 with bf16 activations: torch's int8 CPU kernel
+        runs = run_corral(args.path, args, torch.bfloat16, quantize="int8")
+    else:
+        runner = {"corral": run_corral, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.child]
+        runs = runner(args.path, args, dtype)
     prefill = [args.prompt_tokens / (t1 - t0) for t0, t1, t2, n in runs]
     decode = [(n - 1) / (t2 - t1) for t0, t1, t2, n in runs]
     assert all(n == args.decode_tokens for *_, n in runs), [n for *_, n in runs]
@@ -356,6 +359,7 @@ def table(results: list[dict], args) -> str:
             peak += f" ({r['peak_mb'] / r['weights_mb']:.2f}x weights)"
         name = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama-3.2-1B (random)"}[r["model"]]
         engine = r["engine"] + (" (Q4_1 file)" if r["model"] == "smollm2" and r["engine"] == "llama.cpp" else "")
+        engine = engine.replace("corral-int8", "corral --quantize int8 (bf16 activations)")
         lines.append(f"| {name} ({r['dtype']}) | {engine} | {statistics.median(r['prefill']):.1f} | {dec:.2f} | "
                      f"{ratio['transformers']} | {ratio['llama.cpp']} | {peak} |")
     return "\n".join(lines)

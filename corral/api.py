@@ -106,13 +106,13 @@ class LLM:
         self._chat_format = chat_format
 
     @classmethod
-    def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu") -> LLM:
+    def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None) -> LLM:
         """A registry name (e.g. "SmolLM2-135M-Instruct", "Llama-3.2-1B-Instruct"), a checkpoint directory
         (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; fp32 for quantized GGUF),
-        "bf16", "fp16", "fp32" or a torch.dtype."""
+        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8 (use with bf16 on CPU)."""
         from corral.checkpoints import load_model, load_tokenizer
 
-        net, checkpoint = load_model(model, dtype=dtype, device=device)
+        net, checkpoint = load_model(model, dtype=dtype, device=device, quantize=quantize)
         checkpoint.state_dict = {}  # the model holds the tensors; do not keep a second reference around
         return cls(net, load_tokenizer(checkpoint), checkpoint)
 

@@ -185,26 +185,53 @@ def resolve_dtype(dtype, checkpoint: Checkpoint) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype") from None
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu"):
+QUANTIZATIONS = ("int8",)
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", quantize: str | None = None):
     """A registry name, directory or .gguf file -> (model in eval mode, Checkpoint).
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no random
-    init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`)."""
+    init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`).
+    quantize="int8": weight-only int8 with per-channel scales for every Linear but the output head
+    (corral/engine/quantize.py), each weight quantized as it is assigned; fast with dtype bf16.
+    """
     from corral.checkpoints.download import resolve_model
 
-    checkpoint = load_checkpoint(resolve_model(name_or_path))
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
+    path = resolve_model(name_or_path)
+    checkpoint = load_checkpoint(path)
     config = checkpoint.config
     dtype = resolve_dtype(dtype, checkpoint)
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    if config.family == "mllama" and quantize == "int8":
+        # Streams the shards and quantizes tensor by tensor: an 11B model never sits in memory in bf16.
+        from corral.checkpoints.mllama import load_mllama_model
+
+        checkpoint.state_dict = {}
+        model, _ = load_mllama_model(checkpoint.path, dtype=dtype, int8=True, device=device)
+        return model, checkpoint
     if config.family == "mllama":
         from corral.models.vision import MllamaTransformer as model_class
     else:
         from corral.models.llama import Transformer as model_class
     with torch.device("meta"):
         model = model_class(config)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     to_load = dict(state_dict)
     if config.tie_embeddings and "output.weight" not in to_load and "tok_embeddings.weight" in to_load:
         to_load["output.weight"] = to_load["tok_embeddings.weight"]
+    if quantize == "int8":
+        from corral.engine.quantize import int8_linear_names, quantize_weight, swap_int8_linears
+
+        names = int8_linear_names(model)
+        for name in names:
+            weight = to_load.pop(name + ".weight", None)
+            if weight is not None:  # a missing tensor is reported by load_state_dict below
+                to_load[name + ".weight"], to_load[name + ".scales"] = quantize_weight(weight, dtype)
+                state_dict.pop(name + ".weight", None)
+        swap_int8_linears(model, names, dtype)
+        state_dict = to_load
     try:
         model.load_state_dict(to_load, strict=True, assign=True)
     except RuntimeError as e:
@@ -212,4 +239,5 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu"):
     if config.tie_embeddings and config.family != "mllama":
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared parameter
     model = model.to(device).eval()
-    return model, dataclasses.replace(checkpoint, state_dict=state_dict)
+    return model, dataclasses.replace(checkpoint, state_dict=state_dict,
+                                      quantization=quantize or checkpoint.quantization)

@@ -10,6 +10,9 @@ import time
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="weight dtype (default: the checkpoint's; quantized GGUF files load as fp32)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="weight-only int8 with per-channel scales, done at load time; with --dtype bf16 "
+                        "it is the fastest way to decode on a CPU (the output head stays in --dtype)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -60,7 +63,7 @@ def load_llm(model: str | None, args, quiet: bool = False):
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype)
+    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize)
     seconds = time.perf_counter() - start
     if not quiet:
         print(f"corral: loaded {llm.name} in {seconds:.1f}s", file=sys.stderr)

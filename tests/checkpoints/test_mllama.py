@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from corral.checkpoints import load_checkpoint, load_model
 from corral.checkpoints.errors import CheckpointError
+from corral.checkpoints import load_model
 from corral.checkpoints.mllama import (config_from_hf, config_from_params, load_mllama_checkpoint,
                                        load_mllama_model, meta_concat_dim, to_hf_state_dict, to_meta_state_dict)
 from corral.engine.quantize import Int8Linear, int8_linear_names, quantize_weight
@@ -137,6 +138,10 @@ def test_int8_load(tmp_path, reference):
     tokens, images = prompt([0], 12), random_images([(50, 50)])
     ref, fq, got = logits(model, tokens, images), logits(fake, tokens, images), logits(q, tokens, images)
     assert (got - fq).abs().max().item() < 1e-4
+    # The common entry point streams the same way for a vision checkpoint.
+    via_load_model, checkpoint = load_model(directory, dtype=torch.float32, quantize="int8")
+    assert isinstance(via_load_model.text_model.layers[0].attention.wq, Int8Linear)
+    assert torch.equal(logits(via_load_model, tokens, images), got)
     rel = ((got - ref).norm() / ref.norm()).item()  # int8 error on these random weights: ~2.5%
     assert 0 < rel < 0.05, rel
 

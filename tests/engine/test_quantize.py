@@ -69,3 +69,59 @@ def test_text_model_in_place_and_meta_swap():
     fresh.load_state_dict(sd, strict=True, assign=True)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(tokens), got)
+
+
+def _int8_reference(model: Transformer) -> Transformer:
+    """The float model with every quantized Linear's weight replaced by its dequantized int8 values."""
+    with torch.no_grad():
+        for name in int8_linear_names(model):
+            lin = model.get_submodule(name)
+            q, scales = quantize_weight(lin.weight.data, torch.float32)
+            lin.weight.data = q.float() * scales[:, None]
+    return model
+
+
+def test_load_model_int8_from_a_checkpoint(tmp_path):
+    """load_model(quantize="int8"): every Linear but the (tied) head is int8; fp32 logits equal the
+    dequantized-float model's through the KV cache, and bf16 (torch's int8 kernel) stays close to them."""
+    import pytest
+
+    from corral.checkpoints import load_model
+    from tests.checkpoints import tiny
+
+    directory = tiny.write_hf(tiny.hf_model(), tmp_path / "hf")
+    float_model, _ = load_model(directory)
+    reference = tiny.corral_logits(_int8_reference(float_model), tiny.tokens())
+
+    model, checkpoint = load_model(directory, quantize="int8")
+    assert checkpoint.quantization == "int8"
+    assert isinstance(model.layers[0].attention.wq, Int8Linear) and model.layers[0].attention.wq.weight.dtype == torch.int8
+    assert isinstance(model.output, nn.Linear) and model.output.weight is model.tok_embeddings.weight
+    got = tiny.corral_logits(model, tiny.tokens())
+    assert (got - reference).abs().max() < 1e-4
+
+    model_bf16, _ = load_model(directory, quantize="int8", dtype="bf16")
+    got_bf16 = tiny.corral_logits(model_bf16, tiny.tokens())
+    rel = ((got_bf16 - reference).norm() / reference.norm()).item()
+    assert rel < 0.03, rel
+
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        load_model(directory, quantize="int4")
+
+
+def test_smollm2_int8_bf16_agrees_with_fp32(smollm2_gguf):
+    """The real model with int8 weights and bf16 activations (the fast CPU path) picks the same next
+    token as the fp32 model at nearly every position of a real prompt."""
+    from corral.checkpoints import load_model, load_tokenizer
+
+    model, checkpoint = load_model(smollm2_gguf)
+    ids = load_tokenizer(checkpoint).encode("The tallest mountain in the world is Mount Everest, which lies "
+                                            "on the border between Nepal and China. Climbers usually start")
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ref = model(tokens)
+        del model
+        quantized, _ = load_model(smollm2_gguf, dtype="bf16", quantize="int8")
+        got = quantized(tokens)
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"int8/bf16 argmax agrees with fp32 at only {agree:.0%} of positions"

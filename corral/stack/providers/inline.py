@@ -63,7 +63,8 @@ class ModelWorker:
             if self.llm is None:
                 from corral.api import LLM  # torch and the model code load here, not at import
 
-                self.llm = LLM.load(self.entry.checkpoint or self.entry.model_id, dtype=self.entry.dtype)
+                self.llm = LLM.load(self.entry.checkpoint or self.entry.model_id, dtype=self.entry.dtype,
+                                    quantize=self.entry.quantize)
             return self.llm
 
     def count(self, chunk) -> int:
