@@ -22,19 +22,32 @@ from corral.checkpoints import Checkpoint, match_registry, pick_match, read_json
 from corral.checkpoints.errors import CheckpointError, check_tensors
 from corral.models.config import ModelConfig, RopeScaling, ffn_hidden_dim
 
+# Meta model-parallel sharding (spec §3.1, §3.2; Meta's `_WEIGHT_COLUMN_KEY` / `_WEIGHT_ROW_KEY`): weights split
+# on dim 0 (column-parallel) or dim 1 (row-parallel); everything else (norms, gates) is replicated.
+# The vision names (image encoder, projection) are here too: the Mllama loader shares this rule.
 COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
-                   "feed_forward.w3.weight", "output.weight", "tok_embeddings.weight")
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+                   "feed_forward.w3.weight", "output.weight", "tok_embeddings.weight", "learnable_embedding.weight",
+                   "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                   "conv1._linear.weight", "vision_projection.weight", "vision_projection.bias")
+ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "attn.wo.weight", "mlp.c_proj.weight")
 DROPPED = ("rope.freqs",)
 
 
-def _concat_dim(name: str) -> int | None:
+def concat_dim(name: str) -> int | None:
     """0 / 1 for weights split across model-parallel shards, None for replicated ones (norms)."""
     if name.endswith(COLUMN_PARALLEL):
         return 0
     if name.endswith(ROW_PARALLEL):
         return 1
     return None
+
+
+def check_shards(files: list[Path], shards: list[dict]) -> None:
+    """Every model-parallel shard must hold the same tensor names."""
+    for file, shard in zip(files[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            diff = sorted(shard.keys() ^ shards[0].keys())[0]
+            raise CheckpointError(f"{file}: shard holds different tensors than {files[0].name} (e.g. {diff!r})")
 
 
 def config_from_params(params: dict, path: Path, vocab_rows: int, has_output: bool) -> ModelConfig:
@@ -71,10 +84,7 @@ def load_meta(directory: Path) -> Checkpoint:
     if not files:
         raise CheckpointError(f"{directory}: no consolidated.NN.pth files next to params.json")
     shards = [_load_shard(f) for f in files]
-    for file, shard in zip(files[1:], shards[1:]):
-        if shard.keys() != shards[0].keys():
-            diff = sorted(shard.keys() ^ shards[0].keys())[0]
-            raise CheckpointError(f"{file}: shard holds different tensors than {files[0].name} (e.g. {diff!r})")
+    check_shards(files, shards)
 
     # Merged shapes first, so a bad file is reported before any tensor is concatenated.
     shapes = {}
@@ -82,7 +92,7 @@ def load_meta(directory: Path) -> Checkpoint:
         if name in DROPPED:
             continue
         shape = list(t.shape)
-        dim = _concat_dim(name)
+        dim = concat_dim(name)
         if dim is not None and len(shape) > dim:
             shape[dim] = sum(s[name].shape[dim] for s in shards)
         shapes[name] = tuple(shape)
@@ -98,7 +108,7 @@ def load_meta(directory: Path) -> Checkpoint:
 
     state_dict = {}
     for name in shapes:
-        dim = _concat_dim(name)
+        dim = concat_dim(name)
         if len(shards) == 1 or dim is None:
             state_dict[name] = shards[0][name]
         else:

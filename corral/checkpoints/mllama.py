@@ -30,7 +30,7 @@ from torch import Tensor
 from corral.checkpoints import Checkpoint, match_registry, read_json
 from corral.checkpoints.errors import CheckpointError
 from corral.checkpoints.hf import _open_safetensors, _safetensors_files, permute, unpermute
-from corral.checkpoints.meta import _load_shard
+from corral.checkpoints.meta import _load_shard, check_shards, concat_dim
 from corral.models.config import ModelConfig, RopeScaling, ffn_hidden_dim, known_models
 from corral.models.image import supported_aspect_ratios
 from corral.models.vision import VisionArgs, fusion_schedule
@@ -84,22 +84,6 @@ _VISION_TOP = {  # HF name under vision_model. -> canonical name under vision_mo
 _SELF_TO_HF = {v: k for k, v in _TEXT_LAYER.items() if not k.startswith("cross")}
 _CROSS_TO_HF = {v: k for k, v in _TEXT_LAYER.items() if not k.startswith("self_attn")}
 _ENC = "vision_model.vision_encoder."
-
-# Meta model-parallel sharding (spec §3.2): split on dim 0 / dim 1, everything else replicated.
-_META_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
-              "feed_forward.w3.weight", "tok_embeddings.weight", "learnable_embedding.weight", "output.weight",
-              "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.c_fc.weight", "mlp.c_fc.bias",
-              "conv1._linear.weight", "vision_projection.weight", "vision_projection.bias")
-_META_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "attn.wo.weight", "mlp.c_proj.weight")
-
-
-def meta_concat_dim(name: str) -> int | None:
-    if name.endswith(_META_DIM0):
-        return 0
-    if name.endswith(_META_DIM1):
-        return 1
-    return None
-
 
 def _normalise_hf_name(name: str) -> str:
     """transformers >= 4.52 in-memory names -> the hub's on-disk names (both appear in files)."""
@@ -370,14 +354,11 @@ def _meta_files(directory: Path) -> list[Path]:
 def _iter_meta(directory: Path) -> Iterator[tuple[str, Tensor]]:
     files = _meta_files(directory)
     shards = [_load_shard(f) for f in files]
-    for file, shard in zip(files[1:], shards[1:]):
-        if shard.keys() != shards[0].keys():
-            diff = sorted(shard.keys() ^ shards[0].keys())[0]
-            raise CheckpointError(f"{file}: shard holds different tensors than {files[0].name} (e.g. {diff!r})")
+    check_shards(files, shards)
     for name in shards[0]:
         if name.endswith("rope.freqs"):
             continue
-        dim = meta_concat_dim(name)
+        dim = concat_dim(name)
         w = shards[0][name] if len(shards) == 1 or dim is None else torch.cat([s[name] for s in shards], dim=dim)
         if name.endswith("conv1._linear.weight"):
             patch = int(round((w.shape[1] / 3) ** 0.5))

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from corral.checkpoints import load_checkpoint, load_model
 from corral.checkpoints.errors import CheckpointError
-from corral.checkpoints import load_model
 from corral.checkpoints.mllama import (config_from_hf, config_from_params, load_mllama_checkpoint,
-                                       load_mllama_model, meta_concat_dim, to_hf_state_dict, to_meta_state_dict)
+                                       load_mllama_model, to_hf_state_dict, to_meta_state_dict)
 from corral.engine.quantize import Int8Linear, int8_linear_names, quantize_weight
 from corral.models.image import preprocess_images
+from tests.checkpoints.tiny import save_meta_shards
 from tests.models.test_vision import TILE, VOCAB, hf_config_dict, prompt, random_images, random_model
 
 META_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -59,15 +59,9 @@ def write_hf(directory, state_dict, config, n_shards=2):
 
 
 def write_meta(directory, state_dict, config, n_shards=1):
-    directory.mkdir(parents=True, exist_ok=True)
     meta = to_meta_state_dict(state_dict, config)
     meta["text_model.rope.freqs"] = torch.zeros(8)  # present in Meta files, dropped by the loader
-    for i in range(n_shards):
-        shard = {}
-        for name, w in meta.items():
-            dim = meta_concat_dim(name)
-            shard[name] = w if dim is None else w.chunk(n_shards, dim=dim)[i].clone()
-        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+    save_meta_shards(meta, directory, n_shards)
     (directory / "params.json").write_text(json.dumps(PARAMS))
     return directory
 
@@ -141,6 +135,7 @@ def test_int8_load(tmp_path, reference):
     # The common entry point streams the same way for a vision checkpoint.
     via_load_model, checkpoint = load_model(directory, dtype=torch.float32, quantize="int8")
     assert isinstance(via_load_model.text_model.layers[0].attention.wq, Int8Linear)
+    assert checkpoint.quantization == "int8"
     assert torch.equal(logits(via_load_model, tokens, images), got)
     rel = ((got - ref).norm() / ref.norm()).item()  # int8 error on these random weights: ~2.5%
     assert 0 < rel < 0.05, rel

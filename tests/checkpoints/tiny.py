@@ -112,19 +112,24 @@ def params_json(use_scaled_rope: bool = True) -> dict:
             "use_scaled_rope": use_scaled_rope}
 
 
-def write_meta(model, directory: Path, n_shards: int = 1) -> Path:
-    """consolidated.NN.pth + params.json; with n_shards > 1 split like Meta's model-parallel layers."""
-    from corral.checkpoints.meta import _concat_dim
+def save_meta_shards(state_dict: dict[str, torch.Tensor], directory: Path, n_shards: int = 1) -> None:
+    """consolidated.NN.pth files, split like Meta's model-parallel layers when n_shards > 1."""
+    from corral.checkpoints.meta import concat_dim
 
     directory.mkdir(parents=True, exist_ok=True)
-    sd = meta_state_dict(model)
-    sd["rope.freqs"] = torch.ones(DIM // N_HEADS // 2)  # old Meta checkpoints carry it; loaders drop it
     for i in range(n_shards):
         shard = {}
-        for name, t in sd.items():
-            dim = _concat_dim(name)
+        for name, t in state_dict.items():
+            dim = concat_dim(name)
             shard[name] = t if dim is None else t.chunk(n_shards, dim=dim)[i].clone()
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+
+
+def write_meta(model, directory: Path, n_shards: int = 1) -> Path:
+    """consolidated.NN.pth + params.json; with n_shards > 1 split like Meta's model-parallel layers."""
+    sd = meta_state_dict(model)
+    sd["rope.freqs"] = torch.ones(DIM // N_HEADS // 2)  # old Meta checkpoints carry it; loaders drop it
+    save_meta_shards(sd, directory, n_shards)
     (directory / "params.json").write_text(json.dumps(params_json()))
     return directory
 
