@@ -208,9 +208,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
         # Streams the shards and quantizes tensor by tensor: an 11B model never sits in memory in bf16.
         from corral.checkpoints.mllama import load_mllama_model
 
-        checkpoint.state_dict = {}
+        checkpoint.state_dict = {}  # drop the mapped tensors: the streaming loader reads the files itself
         model, _ = load_mllama_model(checkpoint.path, dtype=dtype, int8=True, device=device)
-        return model, checkpoint
+        return model, dataclasses.replace(checkpoint, quantization="int8")
     if config.family == "mllama":
         from corral.models.vision import MllamaTransformer as model_class
     else:
@@ -229,7 +229,6 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
             weight = to_load.pop(name + ".weight", None)
             if weight is not None:  # a missing tensor is reported by load_state_dict below
                 to_load[name + ".weight"], to_load[name + ".scales"] = quantize_weight(weight, dtype)
-                state_dict.pop(name + ".weight", None)
         swap_int8_linears(model, names, dtype)
         state_dict = to_load
     try:
