@@ -280,8 +280,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     start = time.perf_counter()
-    if args.child == "corral-int8":  # weight-only int8 with bf16 activations: torch's int8 CPU kernel
-        runs = run_corral(args.path, args, torch.bfloat16, quantize="int8")
+    if args.child == "corral-int8":  # weight-only int8, fp32 activations (its default): Corral's decode kernel
+        runs = run_corral(args.path, args, None, quantize="int8")
     else:
         runner = {"corral": run_corral, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.child]
         runs = runner(args.path, args, dtype)
@@ -359,7 +359,7 @@ def table(results: list[dict], args) -> str:
             peak += f" ({r['peak_mb'] / r['weights_mb']:.2f}x weights)"
         name = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama-3.2-1B (random)"}[r["model"]]
         engine = r["engine"] + (" (Q4_1 file)" if r["model"] == "smollm2" and r["engine"] == "llama.cpp" else "")
-        engine = engine.replace("corral-int8", "corral --quantize int8 (bf16 activations)")
+        engine = engine.replace("corral-int8", "corral --quantize int8")
         lines.append(f"| {name} ({r['dtype']}) | {engine} | {statistics.median(r['prefill']):.1f} | {dec:.2f} | "
                      f"{ratio['transformers']} | {ratio['llama.cpp']} | {peak} |")
     return "\n".join(lines)

@@ -109,7 +109,7 @@ class LLM:
     def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None) -> LLM:
         """A registry name (e.g. "SmolLM2-135M-Instruct", "Llama-3.2-1B-Instruct"), a checkpoint directory
         (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; fp32 for quantized GGUF),
-        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8 (use with bf16 on CPU)."""
+        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode."""
         from corral.checkpoints import load_model, load_tokenizer
 
         net, checkpoint = load_model(model, dtype=dtype, device=device, quantize=quantize)

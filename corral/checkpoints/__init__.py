@@ -193,16 +193,22 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no random
     init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`).
-    quantize="int8": weight-only int8 with per-channel scales for every Linear but the output head
-    (corral/engine/quantize.py), each weight quantized as it is assigned; fast with dtype bf16.
+    quantize="int8": weight-only int8 with per-channel scales for every Linear, the output head included
+    (corral/engine/quantize.py), each weight quantized and its float tensor freed as it is assigned, then
+    packed for Corral's CPU decode kernel; activations default to fp32 on the CPU.
     """
     from corral.checkpoints.download import resolve_model
+    from corral.engine.quantize import pack_for_cpu
 
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
     path = resolve_model(name_or_path)
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
+    if dtype is None and quantize == "int8" and torch.device(device).type == "cpu" and config.family != "mllama":
+        # int8 weights with fp32 activations: the decode kernel computes in fp32 anyway, and on CPUs without
+        # native bf16 the fp32 prefill GEMMs and attention are several times faster than bf16 ones.
+        dtype = torch.float32
     dtype = resolve_dtype(dtype, checkpoint)
     if config.family == "mllama" and quantize == "int8":
         # Streams the shards and quantizes tensor by tensor: an 11B model never sits in memory in bf16.
@@ -210,6 +216,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
 
         checkpoint.state_dict = {}  # drop the mapped tensors: the streaming loader reads the files itself
         model, _ = load_mllama_model(checkpoint.path, dtype=dtype, int8=True, device=device)
+        pack_for_cpu(model)
         return model, dataclasses.replace(checkpoint, quantization="int8")
     if config.family == "mllama":
         from corral.models.vision import MllamaTransformer as model_class
@@ -217,26 +224,48 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
         from corral.models.llama import Transformer as model_class
     with torch.device("meta"):
         model = model_class(config)
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
-    to_load = dict(state_dict)
-    if config.tie_embeddings and "output.weight" not in to_load and "tok_embeddings.weight" in to_load:
-        to_load["output.weight"] = to_load["tok_embeddings.weight"]
+    source = checkpoint.state_dict
+    tied = config.tie_embeddings and config.family != "mllama"
+    head_from_embeddings = tied and "output.weight" not in source
+    to_load = {}
     if quantize == "int8":
-        from corral.engine.quantize import int8_linear_names, quantize_weight, swap_int8_linears
+        from corral.engine.quantize import (Int8Embedding, int8_linear_names, quantize_weight, swap_int8_linears,
+                                             tie_int8_embeddings)
 
         names = int8_linear_names(model)
         for name in names:
-            weight = to_load.pop(name + ".weight", None)
+            key = "tok_embeddings.weight" if name == "output" and head_from_embeddings else name + ".weight"
+            # Popped as quantized, so each float tensor is freed as soon as its int8 copy exists.
+            weight = source.pop(key, None)
             if weight is not None:  # a missing tensor is reported by load_state_dict below
                 to_load[name + ".weight"], to_load[name + ".scales"] = quantize_weight(weight, dtype)
         swap_int8_linears(model, names, dtype)
-        state_dict = to_load
+        if tied and "output.weight" in to_load:  # the embedding reads the head's int8 table
+            source.pop("tok_embeddings.weight", None)
+            tie_int8_embeddings(model)
+            to_load["tok_embeddings.weight"], to_load["tok_embeddings.scales"] = (
+                to_load["output.weight"], to_load["output.scales"])
+        elif config.family != "mllama" and "tok_embeddings.weight" in source:  # an int8 table of its own
+            to_load["tok_embeddings.weight"], to_load["tok_embeddings.scales"] = quantize_weight(
+                source.pop("tok_embeddings.weight"), dtype)
+            model.tok_embeddings = Int8Embedding(config.vocab_size, config.dim, dtype, device="meta")
+    for name in list(source):
+        tensor = source.pop(name)
+        to_load[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    loaded = dict(to_load)
+    if head_from_embeddings and "output.weight" not in to_load and "tok_embeddings.weight" in to_load:
+        to_load["output.weight"] = to_load["tok_embeddings.weight"]
     try:
         model.load_state_dict(to_load, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: {e}") from None
-    if config.tie_embeddings and config.family != "mllama":
-        model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared parameter
+    if tied:  # assign=True replaced the shared tensors: tie them again
+        if quantize == "int8":
+            model.tok_embeddings.weight, model.tok_embeddings.scales = model.output.weight, model.output.scales
+        else:
+            model.output.weight = model.tok_embeddings.weight
     model = model.to(device).eval()
-    return model, dataclasses.replace(checkpoint, state_dict=state_dict,
+    if quantize == "int8":
+        pack_for_cpu(model)  # the decode kernel's layout, where it runs
+    return model, dataclasses.replace(checkpoint, state_dict=loaded,
                                       quantization=quantize or checkpoint.quantization)

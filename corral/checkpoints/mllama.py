@@ -416,7 +416,7 @@ def load_mllama_model(path, *, dtype: torch.dtype = torch.bfloat16, int8: bool =
 
     With int8, the Linear layers of the text trunk and the encoder are stored as weight-only int8 with
     per-output-channel scales; each tensor is quantized as it is read, so peak memory stays near the
-    int8 model's size. Embeddings, norms, the patch convolution and the output head stay in `dtype`.
+    int8 model's size. The output head is int8 too; embeddings, norms and the patch convolution stay in `dtype`.
     """
     from corral.engine.quantize import int8_linear_names, quantize_weight, swap_int8_linears
     from corral.models.vision import MllamaTransformer

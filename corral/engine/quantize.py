@@ -4,6 +4,9 @@ gpt-fast style: `quantize_weight` turns a (out, in) float weight into int8 value
 output row (symmetric, scale = max|w_row| / 127); `swap_int8_linears` replaces the named nn.Linear
 modules of a model by `Int8Linear`, whose state dict holds `weight` (int8) and `scales`. The model
 files know nothing about it. Activations stay in floating point: y = (x @ q^T) * scales + bias.
+Every Linear is quantized, the output head included: at decode it is the largest single matrix (a
+quarter of Llama 3.2 1B). When the head is tied to the token embeddings, the embedding becomes an
+`Int8Embedding` on the same int8 table, so the model holds the table once.
 
 Works for any model: `quantize_model_int8(model)` converts an already-loaded one in place, and
 `corral.checkpoints.mllama.load_mllama_model(..., int8=True)` quantizes tensor by tensor while
@@ -16,57 +19,157 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from corral.engine import cpu_kernels
+
 # Dequantize at most this many weight elements at a time, so a 128256 x 4096 head does not
 # briefly need a 2 GB float copy.
 CHUNK_ELEMENTS = 1 << 24
+# Inputs of up to this many rows (decode, small batches) go through Corral's matrix-vector kernel,
+# which reads each weight block once for all rows; more rows (prefill) are compute-bound: torch's GEMMs.
+MATVEC_MAX_ROWS = 8
 
 
 def quantize_weight(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
     """(out, in) float -> (int8 (out, in), scales (out,)) with w ~= q * scales[:, None]."""
     if w.ndim != 2:
         raise ValueError(f"int8 quantization needs a 2-D weight, got shape {tuple(w.shape)}")
-    wf = w.float()
-    scales = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.clamp(torch.round(wf / scales[:, None]), -127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for i in range(0, w.shape[0], rows):  # a block of rows at a time: no full fp32 copy of a large head
+        wf = w[i: i + rows].float()
+        scales[i: i + rows] = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[i: i + rows] = torch.clamp(torch.round(wf / scales[i: i + rows, None]), -127, 127)
     return q, scales.to(scale_dtype)
 
 
-class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 with one scale per output channel."""
+class Int8Table(nn.Module):
+    """An (n_rows, row_size) int8 matrix with one scale per row: the storage of Int8Linear and Int8Embedding.
+
+    `pack_for_cpu()` moves the matrix into the layout of Corral's CPU kernel (`packed`), which the decode
+    step reads at memory speed; `weight` is then None, and the state dict still holds the plain int8
+    `weight`, so checkpoints do not depend on the layout.
+    """
+
+    def __init__(self, n_rows: int, row_size: int, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(n_rows, row_size, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(n_rows, dtype=dtype, device=device))
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("packed_scales", None, persistent=False)  # fp32 copy of scales for the kernel
+
+    @torch.no_grad()
+    def pack_for_cpu(self, packed: Tensor | None = None) -> bool:
+        """Move the matrix into the CPU kernel's layout (or adopt `packed`, the same matrix already moved
+        by a module sharing it); False, and no change, where the kernel cannot run."""
+        if self.packed is not None:
+            return True
+        if packed is None:
+            if self.weight.device.type != "cpu" or not cpu_kernels.fits(*self.weight.shape) \
+                    or not cpu_kernels.available():
+                return False
+            packed = cpu_kernels.pack(self.weight)
+        self.packed, self.packed_scales, self.weight = packed, self.scales.float(), None
+        return True
+
+    def int8_weight(self) -> Tensor:
+        """The (n_rows, row_size) int8 matrix, whichever layout holds it."""
+        return cpu_kernels.unpack(self.packed) if self.weight is None else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:
+            destination[prefix + "weight"] = self.int8_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        repack = self.packed is not None
+        if self.weight is None:  # a slot for the plain weight to load into
+            self.weight = self.int8_weight()
+            self.packed = self.packed_scales = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if repack:
+            self.pack_for_cpu()
+
+
+class Int8Linear(Int8Table):
+    """A Linear whose weight is int8 with one scale per output channel.
+
+    Inputs of up to MATVEC_MAX_ROWS rows (decode) use Corral's CPU kernel once packed; more rows (a
+    prefill) use torch's kernels.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
-        super().__init__()
+        super().__init__(out_features, in_features, dtype, device)
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.in_features % 8 == 0:
-            # torch's int8-weight kernel reads the int8 weight directly: on CPU it is the fast path
-            # (decode reads 1 byte per weight instead of 2), with the scales in the activation dtype.
-            # (It crashes on an input width that is not a multiple of 8, hence the guard.)
-            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+        rows = x.numel() // self.in_features
+        if self.packed is not None and x.device.type == "cpu" and rows <= MATVEC_MAX_ROWS:
+            out = cpu_kernels.matvec(x.reshape(rows, self.in_features).float(), self.packed, self.packed_scales)
+            out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.in_features % 8 == 0:
+            # torch's int8-weight kernel reads the int8 weight directly, with the scales in the activation
+            # dtype. (It crashes on an input width that is not a multiple of 8, hence the guard.)
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_weight(),
+                                            self.scales.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
-            return out + self.bias.to(x.dtype) if self.bias is not None else out
-        rows = max(1, CHUNK_ELEMENTS // self.in_features)
-        if self.out_features <= rows:
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        else:  # large layers: dequantize a block of output rows at a time
-            out = torch.cat([F.linear(x, self.weight[i: i + rows].to(x.dtype)) * self.scales[i: i + rows].to(x.dtype)
-                             for i in range(0, self.out_features, rows)], dim=-1)
+        else:
+            weight = self.int8_weight()
+            step = max(1, CHUNK_ELEMENTS // self.in_features)  # dequantize a block of output rows at a time
+            out = torch.cat([F.linear(x, weight[i: i + step].to(x.dtype)) * self.scales[i: i + step].to(x.dtype)
+                             for i in range(0, self.out_features, step)], dim=-1)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"packed={self.packed is not None}")
 
 
-def int8_linear_names(model: nn.Module, skip: tuple[str, ...] = ("output",)) -> list[str]:
-    """Qualified names of the nn.Linear modules to quantize: all but those whose last name part is in skip.
+class Int8Embedding(Int8Table):
+    """An embedding table stored as int8 rows with one scale per row (a token's vector)."""
 
-    The output head stays in floating point by default: it is one layer, and the logits are what
-    sampling reads.
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=torch.bfloat16, device=None):
+        super().__init__(num_embeddings, embedding_dim, dtype, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.weight) if self.weight is not None else cpu_kernels.rows(self.packed, ids)
+        return rows.to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, packed={self.packed is not None}"
+
+
+def tie_int8_embeddings(model: nn.Module) -> None:
+    """Make model.tok_embeddings an Int8Embedding over the int8 table of model.output (a tied head)."""
+    head = model.output
+    embedding = Int8Embedding(head.out_features, head.in_features, dtype=head.scales.dtype, device="meta")
+    embedding.weight, embedding.scales = head.weight, head.scales
+    model.tok_embeddings = embedding
+
+
+def pack_for_cpu(model: nn.Module) -> int:
+    """Move every int8 table of model into the CPU kernel's layout where it can run; how many moved.
+
+    Tables that share one int8 matrix (a tied head and embedding) share the packed one too.
     """
+    packed: dict[int, Tensor] = {}
+    tables = [m for m in model.modules() if isinstance(m, Int8Table)]
+    plain = [m.weight for m in tables]  # held until the end, so ids stay unique
+    moved = 0
+    for m, weight in zip(tables, plain):
+        if weight is not None and id(weight) in packed:
+            moved += m.pack_for_cpu(packed[id(weight)])
+        elif m.pack_for_cpu():
+            moved += 1
+            if weight is not None:
+                packed[id(weight)] = m.packed
+    return moved
+
+
+def int8_linear_names(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """Qualified names of the nn.Linear modules to quantize: all but those whose last name part is in skip."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
 
 
@@ -84,8 +187,13 @@ def swap_int8_linears(model: nn.Module, names, dtype: torch.dtype = torch.bfloat
 
 
 @torch.no_grad()
-def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = ("output",)) -> nn.Module:
-    """Quantize an already-loaded model in place (text or vision); returns it."""
+def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Quantize an already-loaded model in place (text or vision); returns it.
+
+    An embedding tied to the output head becomes an Int8Embedding sharing the head's int8 table.
+    """
+    embeddings, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    tied = isinstance(embeddings, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embeddings.weight
     for name in int8_linear_names(model, skip):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -98,4 +206,7 @@ def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = ("output",)) -
         if old.bias is not None:
             new.bias.copy_(old.bias)
         setattr(parent, child, new)
+    if tied and isinstance(model.output, Int8Linear):
+        tie_int8_embeddings(model)
+    pack_for_cpu(model)
     return model

@@ -59,11 +59,12 @@ def rope_table(config: ModelConfig, n_positions: int, device=None) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by rope (T, hd/2, 2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by rope (T, hd/2, 2).
+
+    As Meta's `apply_rotary_emb`: each pair is a complex number multiplied by cos + i sin.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    out = torch.view_as_real(xc * torch.view_as_complex(rope)[None, :, None, :])
     return out.flatten(-2).type_as(x)
 
 
@@ -79,8 +80,8 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, n_kv, T, hd) at positions input_pos (T,); return the whole (B, ...) cache."""
         b = k.shape[0]
-        self.k[:b, :, input_pos] = k
-        self.v[:b, :, input_pos] = v
+        self.k[:b, :, input_pos] = k.to(self.k.dtype)
+        self.v[:b, :, input_pos] = v.to(self.v.dtype)
         return self.k[:b], self.v[:b]
 
 
@@ -105,11 +106,12 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             if kv_len is not None:  # attend over the filled part of the cache only
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            q = q.to(k.dtype)  # attention runs in the cache's dtype (fp32 on CPU, see setup_caches)
         if mask is None:  # no cache, or a prefill from position 0: plain causal
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return self.wo(out.to(x.dtype).transpose(1, 2).reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
@@ -151,11 +153,17 @@ class Transformer(nn.Module):
         self.max_batch = self.max_seq_len = 0
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate KV caches for max_batch sequences of max_seq_len positions (prompt + new tokens)."""
+        """Allocate KV caches for max_batch sequences of max_seq_len positions (prompt + new tokens).
+
+        dtype None: the model's dtype, except fp32 on the CPU, where 16-bit attention kernels are several
+        times slower than fp32 ones on CPUs without native bf16 (decode attention would cost more than the
+        matmuls of a small model). The price is twice the cache memory, which is sized to the request.
+        """
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.max_seq_len}")
-        device = self.tok_embeddings.weight.device
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.norm.weight.device
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else self.norm.weight.dtype
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(max_batch, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)

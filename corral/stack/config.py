@@ -87,7 +87,7 @@ class ModelEntry(_Strict):
     provider_model_id: str | None = None  # remote: the id the remote server knows
     checkpoint: str | None = None  # inline: a registry name or a checkpoint path (default: model_id)
     dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (fp32 for GGUF)
-    quantize: Literal["int8"] | None = None  # inline: weight-only int8 at load (fastest with dtype bf16)
+    quantize: Literal["int8"] | None = None  # inline: weight-only int8 at load (fastest CPU decode)
 
 
 class RunConfig(_Strict):

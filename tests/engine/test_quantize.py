@@ -1,13 +1,16 @@
-"""Weight-only int8 (per-output-channel scales): the module against a dequantized-float reference,
-the chunked path for large layers, in-place conversion of a text model, and the meta-device swap."""
+"""Weight-only int8 (per-output-channel scales): the module against a dequantized-float reference on
+every kernel path, the packed layout's state dict, in-place conversion of a text model (tied head and
+embedding), the meta-device swap, and load_model's quantize-as-read."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from corral.engine import quantize
-from corral.engine.quantize import Int8Linear, int8_linear_names, quantize_model_int8, quantize_weight, swap_int8_linears
+from corral.engine.quantize import (Int8Embedding, Int8Linear, int8_linear_names, quantize_model_int8, quantize_weight,
+                                    swap_int8_linears, tie_int8_embeddings)
 from corral.models.config import ModelConfig
 from corral.models.llama import Transformer
 
@@ -32,20 +35,45 @@ def _reference(lin: nn.Linear) -> nn.Linear:
 
 
 def test_int8_linear_matches_dequantized_float(monkeypatch):
+    """Every path of Int8Linear (Corral's kernel for decode-sized inputs, torch's kernels for larger ones,
+    the row-chunked dequantization) against the float layer with the dequantized weight."""
     torch.manual_seed(1)
     lin = nn.Linear(48, 80, bias=True)
-    x = torch.randn(2, 5, 48)
-    model = quantize_model_int8(nn.Sequential(lin), skip=())
-    assert isinstance(model[0], Int8Linear) and model[0].weight.dtype == torch.int8
     ref = _reference(lin)
-    assert (model[0](x) - ref(x)).abs().max() < 1e-5
+    model = quantize_model_int8(nn.Sequential(lin))
+    layer = model[0]
+    assert isinstance(layer, Int8Linear) and layer.int8_weight().dtype == torch.int8
+    assert layer.packed is not None and layer.weight is None  # packed for the CPU kernel (built on this machine)
+    for shape in [(1, 1, 48), (3, 48), (2, 5, 48)]:  # 1 and 3 rows: the kernel; 10 rows: torch's GEMM
+        x = torch.randn(shape)
+        assert (layer(x) - ref(x)).abs().max() < 1e-5, shape
+    x = torch.randn(2, 5, 48)
     monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 48 * 7)  # force the row-chunked path (7 rows)
-    assert (model[0](x) - ref(x)).abs().max() < 1e-5
+    assert (layer(x) - ref(x)).abs().max() < 1e-5
+    bf16 = layer(x.bfloat16())  # torch's int8 x bf16 kernel
+    assert bf16.dtype == torch.bfloat16 and ((bf16.float() - ref(x)).norm() / ref(x).norm()) < 0.01
+
+
+def test_packed_state_dict_holds_the_plain_weight():
+    """Packing is a memory layout, not a format: the state dict is the same before and after, and loading
+    one into a packed layer repacks it."""
+    torch.manual_seed(3)
+    plain = quantize_model_int8(nn.Sequential(nn.Linear(32, 16)))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    layer = plain[0]
+    assert layer.packed is not None and set(before) == {"0.weight", "0.scales", "0.bias"}
+    assert before["0.weight"].shape == (16, 32) and before["0.weight"].dtype == torch.int8
+    other = quantize_model_int8(nn.Sequential(nn.Linear(32, 16)))
+    other.load_state_dict(before)
+    assert other[0].packed is not None and torch.equal(other[0].int8_weight(), before["0.weight"])
+    x = torch.randn(1, 32)
+    assert torch.equal(other(x), plain(x))
 
 
 def test_text_model_in_place_and_meta_swap():
     torch.manual_seed(2)
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=128)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=128,
+                         tie_embeddings=True)
     model = Transformer(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -54,18 +82,22 @@ def test_text_model_in_place_and_meta_swap():
     with torch.no_grad():
         ref = model(tokens)
         names = int8_linear_names(model)
-        assert "output" not in names and "layers.0.attention.wq" in names and len(names) == 14
+        assert "output" in names and "layers.0.attention.wq" in names and len(names) == 15
         quantize_model_int8(model)
         got = model(tokens)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.02, rel
+    # The tied embedding reads the head's int8 table: one packed matrix, not two.
+    assert isinstance(model.tok_embeddings, Int8Embedding) and model.tok_embeddings.packed is model.output.packed
 
     # The same int8 state dict assigned into a model built on the meta device gives the same logits.
     sd = model.state_dict()
     assert sd["layers.0.feed_forward.w1.weight"].dtype == torch.int8 and "layers.0.feed_forward.w1.scales" in sd
+    assert torch.equal(sd["tok_embeddings.weight"], sd["output.weight"])
     with torch.device("meta"):
         fresh = Transformer(config)
     swap_int8_linears(fresh, names, dtype=torch.float32)
+    tie_int8_embeddings(fresh)
     fresh.load_state_dict(sd, strict=True, assign=True)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(tokens), got)
@@ -81,22 +113,29 @@ def _int8_reference(model: Transformer) -> Transformer:
     return model
 
 
-def test_load_model_int8_from_a_checkpoint(tmp_path):
-    """load_model(quantize="int8"): every Linear but the (tied) head is int8; fp32 logits equal the
-    dequantized-float model's through the KV cache, and bf16 (torch's int8 kernel) stays close to them."""
-    import pytest
-
+@pytest.mark.parametrize("tie", [True, False])
+def test_load_model_int8_from_a_checkpoint(tmp_path, tie):
+    """load_model(quantize="int8"): every Linear (the head included) and the token embedding are int8;
+    fp32 logits equal the dequantized-float model's through the KV cache (prefill on torch's GEMM, decode
+    on Corral's kernel), and bf16 activations (torch's int8 kernel) stay close to them."""
     from corral.checkpoints import load_model
     from tests.checkpoints import tiny
 
-    directory = tiny.write_hf(tiny.hf_model(), tmp_path / "hf")
+    directory = tiny.write_hf(tiny.hf_model(tie=tie), tmp_path / "hf")
     float_model, _ = load_model(directory)
+    if not tie:  # the untied embedding gets an int8 table of its own
+        emb = float_model.tok_embeddings.weight
+        q, scales = quantize_weight(emb.data, torch.float32)
+        emb.data = q.float() * scales[:, None]
     reference = tiny.corral_logits(_int8_reference(float_model), tiny.tokens())
 
     model, checkpoint = load_model(directory, quantize="int8")
-    assert checkpoint.quantization == "int8"
-    assert isinstance(model.layers[0].attention.wq, Int8Linear) and model.layers[0].attention.wq.weight.dtype == torch.int8
-    assert isinstance(model.output, nn.Linear) and model.output.weight is model.tok_embeddings.weight
+    assert checkpoint.quantization == "int8" and model.norm.weight.dtype == torch.float32  # int8 + fp32 activations
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, Int8Linear) and wq.packed is not None and wq.int8_weight().dtype == torch.int8
+    assert isinstance(model.output, Int8Linear) and isinstance(model.tok_embeddings, Int8Embedding)
+    assert (model.tok_embeddings.packed is model.output.packed) == tie
+    assert checkpoint.state_dict["layers.0.attention.wq.weight"].dtype == torch.int8
     got = tiny.corral_logits(model, tiny.tokens())
     assert (got - reference).abs().max() < 1e-4
 
@@ -109,19 +148,23 @@ def test_load_model_int8_from_a_checkpoint(tmp_path):
         load_model(directory, quantize="int4")
 
 
-def test_smollm2_int8_bf16_agrees_with_fp32(smollm2_gguf):
-    """The real model with int8 weights and bf16 activations (the fast CPU path) picks the same next
-    token as the fp32 model at nearly every position of a real prompt."""
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_smollm2_int8_agrees_with_fp32(smollm2_gguf, dtype):
+    """The real model with int8 weights (fp32 activations by default, or bf16) picks the same next token as
+    the fp32 model at nearly every position of a real prompt, decoded one token at a time through the KV
+    cache so that Corral's decode kernel does the work (measured: 96% on a 300-token text)."""
     from corral.checkpoints import load_model, load_tokenizer
+    from tests.checkpoints import tiny
 
     model, checkpoint = load_model(smollm2_gguf)
     ids = load_tokenizer(checkpoint).encode("The tallest mountain in the world is Mount Everest, which lies "
                                             "on the border between Nepal and China. Climbers usually start")
     tokens = torch.tensor([ids])
     with torch.no_grad():
-        ref = model(tokens)
+        ref = tiny.corral_logits(model, tokens, n_prefill=1)
         del model
-        quantized, _ = load_model(smollm2_gguf, dtype="bf16", quantize="int8")
-        got = quantized(tokens)
+        quantized, _ = load_model(smollm2_gguf, dtype=dtype, quantize="int8")
+        assert quantized.output.packed is not None
+        got = tiny.corral_logits(quantized, tokens, n_prefill=1)
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree >= 0.9, f"int8/bf16 argmax agrees with fp32 at only {agree:.0%} of positions"
+    assert agree >= 0.9, f"int8 ({dtype}) argmax agrees with fp32 at only {agree:.0%} of positions"

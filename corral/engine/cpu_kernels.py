@@ -1,0 +1,165 @@
+"""Corral's own CPU kernel: the int8 weight x fp32 activation matrix-vector product of the decode step.
+
+torch's `_weight_int8pack_mm` streams int8 weights at 12-18 GB/s on a 2-core AVX2 machine where memory
+gives about 24; decode is that stream, so a kernel that reads a packed layout sequentially
+(int8_matvec.c, about 23-25 GB/s there) is most of a decode step's speed. The C file ships with the
+package and is compiled on first use with the system C compiler into $CORRAL_HOME/kernels (about a
+second; cached by a hash of the source and flags). Without a compiler, without AVX2/FMA, or with
+CORRAL_CPU_KERNELS=0, `available()` is False and callers use torch's kernels: same results, slower.
+
+    pack(q)                      int8 (N, K) -> the kernel's layout, (N // ROWS, K // CHUNK, ROWS, CHUNK)
+    unpack(packed)               and back
+    rows(packed, ids)            rows ids of the unpacked matrix (an embedding lookup)
+    matvec(x, packed, scales)    x (M, K) fp32 -> (M, N) fp32, for small M (decode)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from corral.paths import corral_home
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_matvec.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+ROWS, CHUNK = 4, 16  # must match int8_matvec.c (checked when the library loads)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split())
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("CORRAL_CPU_KERNELS", "1") == "0":
+        return None
+    if not sys.platform.startswith("linux") or not _cpu_has_avx2_fma():
+        log.info("corral CPU kernels: not an x86 Linux CPU with AVX2 and FMA; using torch's kernels")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("corral CPU kernels: no C compiler found (set CC); using torch's slower int8 kernels")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = corral_home() / "kernels" / f"int8_matvec-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("corral CPU kernels: %s failed (%s); using torch's slower int8 kernels",
+                            compiler, proc.stderr.strip()[-500:])
+                return None
+            os.replace(out, target)  # atomic: a concurrent process sees the old state or the whole file
+    # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime torch
+    # already loaded: one thread pool, not two competing for the same cores.
+    lib = ctypes.CDLL(str(target))
+    lib.corral_int8_matvec.restype = None
+    lib.corral_int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    if (lib.corral_int8_rows(), lib.corral_int8_chunk()) != (ROWS, CHUNK):
+        log.warning("corral CPU kernels: %s does not match this Python module; using torch's kernels", target)
+        return None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                if _lib is not None and not _self_test(_lib):
+                    log.warning("corral CPU kernels: self-test failed; using torch's kernels")
+                    _lib = None
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used on this machine."""
+    return _library() is not None
+
+
+def fits(n: int, k: int) -> bool:
+    """Whether an (n, k) weight has a shape the kernel handles."""
+    return n % ROWS == 0 and k % CHUNK == 0
+
+
+def pack(q: Tensor) -> Tensor:
+    """int8 (N, K) -> (N // ROWS, K // CHUNK, ROWS, CHUNK), contiguous."""
+    n, k = q.shape
+    if not fits(n, k):
+        raise ValueError(f"the int8 kernel needs N % {ROWS} == 0 and K % {CHUNK} == 0, got {n} x {k}")
+    return q.view(n // ROWS, ROWS, k // CHUNK, CHUNK).transpose(1, 2).contiguous()
+
+
+def unpack(packed: Tensor) -> Tensor:
+    """The inverse of pack: int8 (N, K), contiguous."""
+    blocks, chunks, rows, chunk = packed.shape
+    return packed.transpose(1, 2).reshape(blocks * rows, chunks * chunk)
+
+
+def rows(packed: Tensor, ids: Tensor) -> Tensor:
+    """unpack(packed)[ids] without unpacking the rest: (*ids.shape, K) int8."""
+    blocks, chunks, n_rows, chunk = packed.shape
+    return packed[ids // n_rows, :, ids % n_rows].reshape(*ids.shape, chunks * chunk)
+
+
+def matvec(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    """x (M, K) fp32 (small M) -> (M, N) fp32 = x @ (unpack(packed) * scales[:, None]).T."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the corral CPU kernel is not available on this machine")
+    return _matvec(lib, x, packed, scales)
+
+
+def _matvec(lib, x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    blocks, chunks, rows, chunk = packed.shape
+    n, k = blocks * rows, chunks * chunk
+    if x.dtype != torch.float32 or scales.dtype != torch.float32 or x.shape[-1] != k or scales.shape != (n,):
+        raise ValueError(f"matvec needs x (M, {k}) fp32 and scales ({n},) fp32; got x {tuple(x.shape)} "
+                         f"{x.dtype}, scales {tuple(scales.shape)} {scales.dtype}")
+    x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib.corral_int8_matvec(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                           x.shape[0], n, k, torch.get_num_threads())
+    return y
+
+
+def _self_test(lib) -> bool:
+    """The built library against a float reference on a small problem (a miscompile must not pass)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (8, 64), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(8, generator=gen), torch.randn(3, 64, generator=gen)
+    got = _matvec(lib, x, pack(q), scales)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    return torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)

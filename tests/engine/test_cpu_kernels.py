@@ -1,0 +1,86 @@
+"""Corral's int8 decode kernel: the packed layout, the product against a float64 reference, the
+compiled library's cache under $CORRAL_HOME, and the fallbacks (disabled, no compiler)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corral.engine import cpu_kernels
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A kernel module that has not tried to build yet, with its own CORRAL_HOME."""
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    return tmp_path
+
+
+def test_pack_unpack_and_row_lookup():
+    q = torch.randint(-127, 128, (12, 48), dtype=torch.int8)
+    packed = cpu_kernels.pack(q)
+    assert packed.shape == (3, 3, 4, 16) and not torch.equal(packed.flatten(), q.flatten())
+    assert torch.equal(cpu_kernels.unpack(packed), q)
+    ids = torch.tensor([[0, 5, 11], [7, 7, 2]])
+    assert torch.equal(cpu_kernels.rows(packed, ids), q[ids])
+    with pytest.raises(ValueError, match="N % 4 == 0 and K % 16 == 0, got 10 x 48"):
+        cpu_kernels.pack(torch.zeros(10, 48, dtype=torch.int8))
+
+
+def test_kernel_builds_on_this_machine():
+    """Where the CPU has AVX2/FMA and a C compiler exists (these CI machines), the kernel must be in use."""
+    expected = cpu_kernels._cpu_has_avx2_fma() and cpu_kernels._compiler() is not None
+    assert cpu_kernels.available() == expected
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 16), (1, 64, 96), (3, 20, 48), (8, 128, 576)])
+def test_matvec_matches_float64(m, n, k):
+    if not cpu_kernels.available():
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_kernels.matvec(torch.zeros(1, 16), torch.zeros(1, 1, 4, 16, dtype=torch.int8), torch.zeros(4))
+        return
+    gen = torch.Generator().manual_seed(m * n + k)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(n, generator=gen) / 100, torch.randn(m, k, generator=gen)
+    got = cpu_kernels.matvec(x, cpu_kernels.pack(q), scales)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.matvec(x.bfloat16(), cpu_kernels.pack(q), scales)
+
+
+def test_library_is_cached_in_corral_home(fresh_build):
+    if not (cpu_kernels._cpu_has_avx2_fma() and cpu_kernels._compiler()):
+        assert not cpu_kernels.available()
+        return
+    assert cpu_kernels.available()
+    built = list((fresh_build / "kernels").glob("int8_matvec-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    cpu_kernels._tried = False  # a second process: loads the cached file, no rebuild
+    assert cpu_kernels.available() and built[0].stat().st_mtime_ns == mtime
+
+
+def test_disabled_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("CORRAL_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+    from corral.engine.quantize import quantize_model_int8
+
+    layer = quantize_model_int8(torch.nn.Sequential(torch.nn.Linear(32, 16)))[0]
+    assert layer.packed is None and layer.weight is not None  # torch's kernels, same results
+    x = torch.randn(1, 32)
+    assert torch.allclose(layer(x), x @ (layer.weight.float() * layer.scales[:, None]).T + layer.bias, atol=1e-5)
+
+
+def test_failed_compile_falls_back_with_a_warning(fresh_build, monkeypatch, caplog):
+    if not cpu_kernels._cpu_has_avx2_fma():  # never tries to compile: no warning to check
+        assert not cpu_kernels.available()
+        return
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level("WARNING", logger="corral.engine.cpu_kernels"):
+        assert not cpu_kernels.available()
+    assert "false failed" in caplog.text and "torch's slower int8 kernels" in caplog.text
+    assert not (fresh_build / "kernels").exists() or not list((fresh_build / "kernels").glob("*.so"))
