@@ -192,7 +192,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     """A registry name, directory or .gguf file -> (model in eval mode, Checkpoint).
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no random
-    init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`).
+    init). The returned Checkpoint's state_dict holds the tensors as loaded (in `dtype`); with quantize it
+    is empty (`model.state_dict()` gives the int8 tensors).
     quantize="int8": weight-only int8 with per-channel scales for every Linear, the output head included
     (corral/engine/quantize.py), each weight quantized and its float tensor freed as it is assigned, then
     packed for Corral's CPU decode kernel; activations default to fp32 on the CPU.
@@ -227,45 +228,46 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     source = checkpoint.state_dict
     tied = config.tie_embeddings and config.family != "mllama"
     head_from_embeddings = tied and "output.weight" not in source
-    to_load = {}
+    to_load, quantized = {}, set()
     if quantize == "int8":
-        from corral.engine.quantize import (Int8Embedding, int8_linear_names, quantize_weight, swap_int8_linears,
-                                             tie_int8_embeddings)
+        from corral.engine.quantize import Int8Embedding, assign_int8, int8_linear_names, swap_int8_linears, \
+            tie_int8_embeddings
 
         names = int8_linear_names(model)
+        swap_int8_linears(model, names, dtype)
         for name in names:
             key = "tok_embeddings.weight" if name == "output" and head_from_embeddings else name + ".weight"
-            # Popped as quantized, so each float tensor is freed as soon as its int8 copy exists.
+            # Quantized (and packed) as popped, so each float tensor is dropped once its int8 copy exists.
             weight = source.pop(key, None)
-            if weight is not None:  # a missing tensor is reported by load_state_dict below
-                to_load[name + ".weight"], to_load[name + ".scales"] = quantize_weight(weight, dtype)
-        swap_int8_linears(model, names, dtype)
-        if tied and "output.weight" in to_load:  # the embedding reads the head's int8 table
+            if weight is not None:  # a missing tensor is reported below
+                assign_int8(model.get_submodule(name), weight, dtype)
+                quantized |= {name + ".weight", name + ".scales"}
+        if tied and "output.weight" in quantized:  # the embedding reads the head's int8 table
             source.pop("tok_embeddings.weight", None)
             tie_int8_embeddings(model)
-            to_load["tok_embeddings.weight"], to_load["tok_embeddings.scales"] = (
-                to_load["output.weight"], to_load["output.scales"])
+            quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
         elif config.family != "mllama" and "tok_embeddings.weight" in source:  # an int8 table of its own
-            to_load["tok_embeddings.weight"], to_load["tok_embeddings.scales"] = quantize_weight(
-                source.pop("tok_embeddings.weight"), dtype)
             model.tok_embeddings = Int8Embedding(config.vocab_size, config.dim, dtype, device="meta")
+            assign_int8(model.tok_embeddings, source.pop("tok_embeddings.weight"), dtype)
+            quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
     for name in list(source):
         tensor = source.pop(name)
         to_load[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     loaded = dict(to_load)
-    if head_from_embeddings and "output.weight" not in to_load and "tok_embeddings.weight" in to_load:
+    if head_from_embeddings and not quantize and "tok_embeddings.weight" in to_load:
         to_load["output.weight"] = to_load["tok_embeddings.weight"]
     try:
-        model.load_state_dict(to_load, strict=True, assign=True)
+        missing, unexpected = model.load_state_dict(to_load, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: {e}") from None
-    if tied:  # assign=True replaced the shared tensors: tie them again
-        if quantize == "int8":
-            model.tok_embeddings.weight, model.tok_embeddings.scales = model.output.weight, model.output.scales
-        else:
-            model.output.weight = model.tok_embeddings.weight
+    missing = [k for k in missing if k not in quantized]
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: missing {', '.join(missing) or '-'}; "
+                              f"unexpected {', '.join(unexpected) or '-'}")
+    if tied and not quantize:  # assign=True replaced the shared parameter: tie it again
+        model.output.weight = model.tok_embeddings.weight
     model = model.to(device).eval()
     if quantize == "int8":
-        pack_for_cpu(model)  # the decode kernel's layout, where it runs
+        loaded = {}  # the int8 tensors are in the model (packed where the CPU kernel runs): model.state_dict()
     return model, dataclasses.replace(checkpoint, state_dict=loaded,
                                       quantization=quantize or checkpoint.quantization)

@@ -109,7 +109,7 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, *, sto
     if max_new == 0:
         return
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(stop_ids))
-    device = model.tok_embeddings.weight.device
+    device = next(model.parameters()).device  # (int8 tables are buffers; norms are parameters)
     generator = None if params.greedy else make_generator(params.seed, device)
     penalize = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
     counts = seen = None

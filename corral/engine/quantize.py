@@ -82,8 +82,8 @@ class Int8Table(nn.Module):
             destination[prefix + "weight"] = self.int8_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        repack = self.packed is not None
-        if self.weight is None:  # a slot for the plain weight to load into
+        repack = self.packed is not None and prefix + "weight" in state_dict
+        if repack:  # a slot for the plain weight to load into
             self.weight = self.int8_weight()
             self.packed = self.packed_scales = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -142,11 +142,21 @@ class Int8Embedding(Int8Table):
 
 
 def tie_int8_embeddings(model: nn.Module) -> None:
-    """Make model.tok_embeddings an Int8Embedding over the int8 table of model.output (a tied head)."""
+    """Make model.tok_embeddings an Int8Embedding over the int8 table of model.output (a tied head),
+    packed or not."""
     head = model.output
     embedding = Int8Embedding(head.out_features, head.in_features, dtype=head.scales.dtype, device="meta")
     embedding.weight, embedding.scales = head.weight, head.scales
+    embedding.packed, embedding.packed_scales = head.packed, head.packed_scales
     model.tok_embeddings = embedding
+
+
+@torch.no_grad()
+def assign_int8(table: Int8Table, weight: Tensor, scale_dtype: torch.dtype) -> None:
+    """Quantize a float weight into table (e.g. built on the meta device), packed for the CPU kernel where
+    it runs: the plain int8 copy lives only as long as one tensor's packing."""
+    table.weight, table.scales = quantize_weight(weight, scale_dtype)
+    table.pack_for_cpu()
 
 
 def pack_for_cpu(model: nn.Module) -> int:
