@@ -93,3 +93,20 @@ def test_bf16_loads_and_runs(hf32, toks, reference, tmp_path):
     # bf16 rounding of weights and activations is not exact by design (spec §8.2 item 4): measured
     # ~0.24 on logits of magnitude ~15, identical argmax
     assert diff < 0.05 * reference.abs().max().item() and agree > 0.9
+
+
+def test_kv_cache_is_fp32_on_cpu_for_16_bit_models(hf32, toks, tmp_path):
+    """A bf16 model keeps its KV cache (and runs cached attention) in fp32 on the CPU; an explicit dtype
+    wins. The cached logits stay those of the same bf16 model run without a cache."""
+    tiny.write_hf(hf32, tmp_path / "tiny-hf")
+    model, _ = load_model(tmp_path / "tiny-hf", dtype="bf16")
+    model.setup_caches(1, 8)
+    assert model.layers[0].attention.kv_cache.k.dtype == torch.float32
+    model.setup_caches(1, 8, dtype=torch.bfloat16)
+    assert model.layers[0].attention.kv_cache.v.dtype == torch.bfloat16
+    model.clear_caches()
+    with torch.no_grad():
+        uncached = model(toks).float()
+    cached = tiny.corral_logits(model, toks)
+    assert cached.dtype == torch.float32
+    assert (cached - uncached).abs().max() < 0.02 * uncached.abs().max()
