@@ -267,6 +267,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     if tied and not quantize:  # assign=True replaced the shared parameter: tie it again
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device).eval()
+    if quantize is None and dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
+        from corral.engine.half_linear import use_fp32_gemms
+
+        use_fp32_gemms(model)  # prefill GEMMs in fp32 where the CPU has no native 16-bit ones
     if quantize == "int8":
         loaded = {}  # the int8 tensors are in the model (packed where the CPU kernel runs): model.state_dict()
     return model, dataclasses.replace(checkpoint, state_dict=loaded,

@@ -42,12 +42,17 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_has_avx2_fma() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split())
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def _compiler() -> str | None:
