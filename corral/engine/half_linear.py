@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from corral.engine.cpu_kernels import cpu_flags
 
 DECODE_ROWS = 8  # inputs of up to this many rows keep the 16-bit GEMV
-CHUNK_ELEMENTS = 1 << 24  # upcast at most this many weight elements at a time (64 MB of fp32)
+CHUNK_ELEMENTS = 1 << 21  # upcast at most this many weight elements at a time (8 MB of fp32)
 
 
 class HalfLinear(nn.Linear):
