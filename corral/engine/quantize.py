@@ -8,7 +8,11 @@ Every Linear is quantized, the output head included: at decode it is the largest
 quarter of Llama 3.2 1B). When the head is tied to the token embeddings, the embedding becomes an
 `Int8Embedding` on the same int8 table, so the model holds the table once.
 
-Works for any model: `quantize_model_int8(model)` converts an already-loaded one in place, and
+On the CPU each int8 table is then packed for Corral's decode kernel (`cpu_kernels`, `pack_for_cpu`);
+the state dict keeps the plain int8 weight.
+
+Works for any model: `quantize_model_int8(model)` converts an already-loaded one in place,
+`load_model(..., quantize="int8")` quantizes and packs each tensor as it is read (`assign_int8`), and
 `corral.checkpoints.mllama.load_mllama_model(..., int8=True)` quantizes tensor by tensor while
 loading, so an 11B checkpoint never sits in memory in bf16 as a whole.
 """
