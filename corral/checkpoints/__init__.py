@@ -253,7 +253,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     for name in list(source):
         tensor = source.pop(name)
         to_load[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    loaded = dict(to_load)
+    # With int8 the tensors are in the model (packed where the CPU kernel runs): model.state_dict() has them.
+    loaded = {} if quantize else dict(to_load)
     if head_from_embeddings and not quantize and "tok_embeddings.weight" in to_load:
         to_load["output.weight"] = to_load["tok_embeddings.weight"]
     try:
@@ -271,7 +272,5 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
         from corral.engine.half_linear import use_fp32_gemms
 
         use_fp32_gemms(model)  # prefill GEMMs in fp32 where the CPU has no native 16-bit ones
-    if quantize == "int8":
-        loaded = {}  # the int8 tensors are in the model (packed where the CPU kernel runs): model.state_dict()
     return model, dataclasses.replace(checkpoint, state_dict=loaded,
                                       quantization=quantize or checkpoint.quantization)

@@ -148,8 +148,8 @@ def matvec(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
 
 
 def _matvec(lib, x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
-    blocks, chunks, rows, chunk = packed.shape
-    n, k = blocks * rows, chunks * chunk
+    blocks, chunks, block_rows, chunk = packed.shape
+    n, k = blocks * block_rows, chunks * chunk
     if x.dtype != torch.float32 or scales.dtype != torch.float32 or x.shape[-1] != k or scales.shape != (n,):
         raise ValueError(f"matvec needs x (M, {k}) fp32 and scales ({n},) fp32; got x {tuple(x.shape)} "
                          f"{x.dtype}, scales {tuple(scales.shape)} {scales.dtype}")

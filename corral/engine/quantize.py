@@ -63,17 +63,13 @@ class Int8Table(nn.Module):
         self.register_buffer("packed_scales", None, persistent=False)  # fp32 copy of scales for the kernel
 
     @torch.no_grad()
-    def pack_for_cpu(self, packed: Tensor | None = None) -> bool:
-        """Move the matrix into the CPU kernel's layout (or adopt `packed`, the same matrix already moved
-        by a module sharing it); False, and no change, where the kernel cannot run."""
+    def pack_for_cpu(self) -> bool:
+        """Move the matrix into the CPU kernel's layout; False, and no change, where the kernel cannot run."""
         if self.packed is not None:
             return True
-        if packed is None:
-            if self.weight.device.type != "cpu" or not cpu_kernels.fits(*self.weight.shape) \
-                    or not cpu_kernels.available():
-                return False
-            packed = cpu_kernels.pack(self.weight)
-        self.packed, self.packed_scales, self.weight = packed, self.scales.float(), None
+        if self.weight.device.type != "cpu" or not cpu_kernels.fits(*self.weight.shape) or not cpu_kernels.available():
+            return False
+        self.packed, self.packed_scales, self.weight = cpu_kernels.pack(self.weight), self.scales.float(), None
         return True
 
     def int8_weight(self) -> Tensor:
@@ -166,20 +162,9 @@ def assign_int8(table: Int8Table, weight: Tensor, scale_dtype: torch.dtype) -> N
 def pack_for_cpu(model: nn.Module) -> int:
     """Move every int8 table of model into the CPU kernel's layout where it can run; how many moved.
 
-    Tables that share one int8 matrix (a tied head and embedding) share the packed one too.
+    (A tied embedding is made by tie_int8_embeddings after its head is packed, and shares that layout.)
     """
-    packed: dict[int, Tensor] = {}
-    tables = [m for m in model.modules() if isinstance(m, Int8Table)]
-    plain = [m.weight for m in tables]  # held until the end, so ids stay unique
-    moved = 0
-    for m, weight in zip(tables, plain):
-        if weight is not None and id(weight) in packed:
-            moved += m.pack_for_cpu(packed[id(weight)])
-        elif m.pack_for_cpu():
-            moved += 1
-            if weight is not None:
-                packed[id(weight)] = m.packed
-    return moved
+    return sum(m.pack_for_cpu() for m in model.modules() if isinstance(m, Int8Table))
 
 
 def int8_linear_names(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
@@ -204,7 +189,8 @@ def swap_int8_linears(model: nn.Module, names, dtype: torch.dtype = torch.bfloat
 def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Quantize an already-loaded model in place (text or vision); returns it.
 
-    An embedding tied to the output head becomes an Int8Embedding sharing the head's int8 table.
+    An embedding tied to the output head becomes an Int8Embedding sharing the head's int8 table. Each
+    table is packed for the CPU kernel where it runs.
     """
     embeddings, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
     tied = isinstance(embeddings, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embeddings.weight
@@ -212,15 +198,12 @@ def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Modu
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        q, scales = quantize_weight(old.weight, old.weight.dtype)
         new = Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype=old.weight.dtype,
-                         device=old.weight.device)
-        new.weight.copy_(q)
-        new.scales.copy_(scales)
+                         device="meta")
+        assign_int8(new, old.weight, old.weight.dtype)
         if old.bias is not None:
-            new.bias.copy_(old.bias)
+            new.bias = nn.Parameter(old.bias.detach().clone())
         setattr(parent, child, new)
     if tied and isinstance(model.output, Int8Linear):
         tie_int8_embeddings(model)
-    pack_for_cpu(model)
     return model
