@@ -8,11 +8,14 @@
     for chunk in llm.chat([{"role": "user", "content": "Count to 5"}], stream=True):
         print(chunk.text, end="", flush=True)
 
-This layer turns text into token ids (tokenizer, chat format), runs `engine.generate_tokens`, and turns
-the ids back into text: a UTF-8-safe stream decoder (a character split across tokens is released
-whole), stop strings cut with a holdback buffer (`engine.stop`), logprobs with their token text, and
-timings. An `LLM` runs one generation at a time (the KV cache lives in the model): it is not
-thread-safe; callers that share one (the server) serialize access.
+    outs = llm.generate_many(["Once upon a time", "The sky is"], max_tokens=16)   # batched together
+
+This layer turns text into token ids (tokenizer, chat format), submits them to the model's serving
+engine (`corral.engine.Engine`: paged KV cache, continuous batching, prefix caching), and turns the ids
+back into text: a UTF-8-safe stream decoder (a character split across tokens is released whole), stop
+strings cut with a holdback buffer (`engine.stop`), logprobs with their token text, and timings. An
+`LLM` is thread-safe: generations from any number of threads run together in the engine's loop, and a
+follow-up chat turn prefills only its new tokens.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Iterator
 
 import torch
 
-from corral.engine.generate import LogitsProcessor, TokenStep, generate_tokens
+from corral.engine.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Engine, RequestHandle
 from corral.engine.sampling import SamplingParams
+from corral.engine.scheduler import LogitsProcessor, TokenStep
 from corral.engine.stop import StopStringMatcher
 from corral.models.config import DEFAULT_MODEL
 from corral.tokenizer.base import AssistantMessage
@@ -64,6 +68,7 @@ class Completion:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     time_to_first_token_s: float
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled again)
 
 
 @dataclass
@@ -94,27 +99,39 @@ def _stream_decoder(tokenizer):
 
 
 class LLM:
-    """A loaded model with its tokenizer and chat format. One generation at a time (not thread-safe)."""
+    """A loaded model with its tokenizer, chat format and serving engine. Thread-safe."""
 
-    def __init__(self, model, tokenizer, checkpoint=None, chat_format=None):
+    def __init__(self, model, tokenizer, checkpoint=None, chat_format=None, *, kv_cache_mb: int | None = None,
+                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 context_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.config = model.config
         self.name: str = self.config.name or (str(checkpoint.path) if checkpoint is not None else "model")
-        self.context_length: int = self.config.max_seq_len
         self._chat_format = chat_format
+        self.engine = Engine(model, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
+                             max_batch_tokens=max_batch_tokens, context_length=context_length, threaded=True)
+        self.context_length: int = self.engine.context_length  # the model's, capped by the pool and the config
 
     @classmethod
-    def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None) -> LLM:
+    def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None,
+             kv_cache_mb: int | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None) -> LLM:
         """A registry name (e.g. "SmolLM2-135M-Instruct", "Llama-3.2-1B-Instruct"), a checkpoint directory
         (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; fp32 for quantized GGUF),
-        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode."""
+        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode.
+
+        The engine: kv_cache_mb is the KV-cache pool's memory (default: a fifth of the free memory, at
+        most 8 GiB, no more than max_num_seqs full contexts); max_num_seqs sequences run together, with at
+        most max_batch_tokens tokens per step (long prompts are prefilled in chunks of that size);
+        context_length caps prompt + generation below the model's own context."""
         from corral.checkpoints import load_model, load_tokenizer
 
         net, checkpoint = load_model(model, dtype=dtype, device=device, quantize=quantize)
         checkpoint.state_dict = {}  # the model holds the tensors; do not keep a second reference around
-        return cls(net, load_tokenizer(checkpoint), checkpoint)
+        return cls(net, load_tokenizer(checkpoint), checkpoint, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
+                   max_batch_tokens=max_batch_tokens, context_length=context_length)
 
     @property
     def chat_format(self):
@@ -148,13 +165,20 @@ class LLM:
 
     def generate_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
                         logits_processor: LogitsProcessor | None = None, images: list | None = None,
-                        **sampling) -> Iterator[TokenStep]:
+                        **sampling) -> RequestHandle:
         """Token-level access: the engine's TokenSteps for prompt ids, stopping on the model's stop tokens.
-        images: for vision models, one image per `<|image|>` token of the prompt."""
-        params = _params(params, sampling)
-        prompt_ids = self._prepare_images(prompt_ids, images)
-        return generate_tokens(self.model, prompt_ids, params, stop_ids=self.tokenizer.stop_ids,
-                               logits_processor=self._vocab_guard(logits_processor))
+        images: for vision models, one image per `<|image|>` token of the prompt. close() cancels."""
+        return self.submit(prompt_ids, _params(params, sampling), logits_processor, images=images)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, logits_processor: LogitsProcessor | None = None,
+               *, images: list | None = None, prompt_logprobs: int | None = None,
+               leader: RequestHandle | None = None) -> RequestHandle:
+        """Queue one sequence in the engine. leader: a handle for the same prompt (n > 1) whose prefill this
+        one waits for and reuses. prompt_logprobs: k, the log-probabilities of the prompt's tokens (echo)."""
+        prompt_ids, cross_state = self._prepare_images(list(prompt_ids), images)
+        return self.engine.submit(prompt_ids, params, stop_ids=self.tokenizer.stop_ids,
+                                  logits_processor=self._vocab_guard(logits_processor), cross_state=cross_state,
+                                  prompt_logprobs=prompt_logprobs, leader=leader)
 
     # --- text --------------------------------------------------------------------------------------------
 
@@ -173,10 +197,18 @@ class LLM:
                 ids += [self.tokenizer.special_tokens["<|image|>"], *self.tokenizer.encode(piece)]
         else:
             ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, add_bos=add_bos)
-        chunks = self._stream(ids, params, logits_processor, images=images)
+        chunks = self.stream_text(self.submit(ids, params, logits_processor, images=images), params)
         if stream:
             return self._checked(chunks)
         return _collect(chunks)
+
+    def generate_many(self, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
+                      add_bos: bool = True, **sampling) -> list[Completion]:
+        """Complete many raw prompts together (continuous batching): all are queued at once."""
+        params = _params(params, sampling)
+        handles = [self.submit(list(p) if not isinstance(p, str) else self.encode(p, add_bos=add_bos), params)
+                   for p in prompts]
+        return [_collect(self.stream_text(h, params)) for h in handles]
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice=None,
              stream: bool = False, params: SamplingParams | None = None,
@@ -191,7 +223,8 @@ class LLM:
             raise ValueError("tool calling is not supported with images in the prompt (Llama 3.2 Vision); "
                              "send the images or the tools, not both")
         ids = self.encode_chat(messages, tools=tools, tool_choice=tool_choice)
-        chunks = self._stream(ids, params, logits_processor, parse_tools=tools, chat=True, images=images)
+        chunks = self.stream_text(self.submit(ids, params, logits_processor, images=images), params,
+                                  parse_tools=tools, chat=True)
         if stream:
             return self._checked(chunks)
         return _collect(chunks)
@@ -234,27 +267,29 @@ class LLM:
                             logprob=step.logprob, bytes=list(raw),
                             top_logprobs=[(text(t), lp) for t, lp in step.top_logprobs or []])
 
-    def _prepare_images(self, prompt_ids: list[int], images: list | None) -> list[int]:
-        """Vision models: encode this request's images (or forget the last request's) before generating."""
-        if getattr(self.config, "family", "llama") != "mllama":
+    @property
+    def supports_images(self) -> bool:
+        return getattr(self.config, "family", "llama") == "mllama"
+
+    def _prepare_images(self, prompt_ids: list[int], images: list | None) -> tuple[list[int], object]:
+        """Vision models: the prompt ids the model reads and this request's cross-attention state, computed
+        once per request (None without images)."""
+        if not self.supports_images:
             if images:
                 raise ValueError(f"{self.name} is a text model and cannot take images; use a Llama 3.2 Vision model")
-            return prompt_ids
+            return prompt_ids, None
         # Hugging Face tokenizers write <|image|> as 128256 (the model's first extra embedding row), which
         # the engine refuses as out of the vocabulary; the model reads Meta's 128011 as the same token.
         ids = [self.model.args.image_placeholder_id if t == self.model.image_token_id else t for t in prompt_ids]
-        self.model.set_images(list(images or []), ids)
-        return ids
+        return ids, self.model.encode_images(list(images or []), ids)
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams, logits_processor, *,
-                parse_tools: list[dict] | None = None, chat: bool = False,
-                images: list | None = None) -> Iterator[Chunk]:
-        """Engine steps -> text Chunks; the last chunk has finish_reason, the parsed message and the totals."""
-        prompt_ids = self._prepare_images(prompt_ids, images)
+    def stream_text(self, steps: RequestHandle, params: SamplingParams, *, parse_tools: list[dict] | None = None,
+                    chat: bool = False) -> Iterator[Chunk]:
+        """Engine steps -> text Chunks; the last chunk has finish_reason, the parsed message and the totals.
+        Closing the iterator cancels the sequence."""
+        prompt_ids = steps.seq.prompt
         want_logprobs = params.logprobs is not None
         decoder, stops = _stream_decoder(self.tokenizer), StopStringMatcher(params.stop)
-        steps = generate_tokens(self.model, prompt_ids, params, stop_ids=self.tokenizer.stop_ids,
-                                logits_processor=self._vocab_guard(logits_processor))
         start = time.perf_counter()
         first_at = last_at = None
         text = pending = ""  # everything released so far / released but not yet yielded
@@ -299,9 +334,9 @@ class LLM:
         result = dict(text=text, token_ids=all_ids, prompt_tokens=len(prompt_ids),
                       completion_tokens=n_generated, finish_reason=finish,
                       logprobs=all_logprobs if want_logprobs else None,
-                      prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0,
+                      prefill_tokens_per_s=(len(prompt_ids) - steps.cached_tokens) / ttft if ttft > 0 else 0.0,
                       decode_tokens_per_s=(n_generated - 1) / decode_time if decode_time > 0 else 0.0,
-                      time_to_first_token_s=ttft)
+                      time_to_first_token_s=ttft, cached_prompt_tokens=steps.cached_tokens)
         message = None
         if chat:
             message = self.chat_format.parse_response(result["text"], tools=parse_tools)

@@ -5,14 +5,19 @@ embeddings. Weight names and the rotary layout are Meta's (spec §2.3, §3.1): q
 interleaved-pair order of Meta's `apply_rotary_emb`, so Meta and GGUF checkpoints load as they are and
 Hugging Face checkpoints are un-permuted by their loader.
 
-The KV cache is a small module of preallocated buffers sized to the request (`setup_caches`), never
-to the model's 128K context; `forward(tokens, input_pos)` writes the new keys/values at `input_pos`.
-Without caches the model runs plain causal attention over the tokens given (training, parity tests).
+Two ways to run it:
+  - `forward(tokens, batch=PagedBatch)`: the serving engine's path. The engine owns the KV cache, a pool
+    of fixed-size blocks (`PagedKVCache`); a `PagedBatch` says where each token sits (position, cache
+    slot) and how groups of tokens attend (every decode token together, each prefill chunk alone), so
+    sequences at different positions run in one forward.
+  - `forward(tokens, input_pos)` with `setup_caches`: one contiguous cache sized to the request, for
+    parity tests and the reference; without caches, plain causal attention (training).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +90,75 @@ class KVCache(nn.Module):
         return self.k[:b], self.v[:b]
 
 
+class PagedKVCache(nn.Module):
+    """The engine's KV pool: keys and values of every layer in fixed-size blocks of slots.
+
+    k, v: (n_layers, n_blocks * block_size, n_kv_heads, head_dim); slot = block * block_size + offset.
+    Which blocks belong to which sequence is the engine's business (corral/engine/kv_cache.py).
+    """
+
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype, device=None):
+        super().__init__()
+        self.n_blocks, self.block_size = n_blocks, block_size
+        shape = (n_layers, n_blocks * block_size, n_kv_heads, head_dim)
+        # empty, not zeros: pages are touched as blocks fill, and attention never reads an unwritten slot.
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+
+
+@dataclass
+class AttentionGroup:
+    """Tokens start:end of the flat batch, as `rows` sequences of equal length T, that attend together.
+
+    kv_slots (rows, S): each row's cache slots in position order (padded with a valid slot of its own);
+    mask (rows, 1, T, S) bool "may attend", or None for a whole prefill from position 0 (plain causal).
+    """
+
+    start: int
+    end: int
+    rows: int
+    kv_slots: Tensor
+    mask: Tensor | None
+
+
+@dataclass
+class PagedBatch:
+    """One engine step: N tokens of many sequences, flat. positions/slots: (N,) each token's position and
+    the cache slot its key/value goes to. logits_rows: the tokens whose logits are wanted."""
+
+    cache: PagedKVCache
+    positions: Tensor
+    slots: Tensor
+    groups: list[AttentionGroup]
+    logits_rows: Tensor | None = None
+    # Vision models: (start, end, state) for each sequence with images, its tokens start:end of the batch
+    # and its request's cross-attention state (models/vision.py).
+    cross: list[tuple] | None = None
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, batch: PagedBatch, layer: int) -> Tensor:
+    """q (N, H, hd), new k/v (N, n_kv, hd) -> (N, H, hd): write k/v to the pool, attend group by group."""
+    cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]  # (slots, n_kv, hd)
+    cache_k[batch.slots] = k.to(cache_k.dtype)
+    cache_v[batch.slots] = v.to(cache_v.dtype)
+    out = torch.empty(q.shape, dtype=cache_k.dtype, device=q.device)
+    for g in batch.groups:
+        t = (g.end - g.start) // g.rows
+        qg = q[g.start:g.end].view(g.rows, t, *q.shape[1:]).transpose(1, 2).to(cache_k.dtype)  # (rows, H, T, hd)
+        if g.mask is None:  # a prompt from position 0 in one piece: its own keys, causal
+            kg = k[g.start:g.end].view(g.rows, t, *k.shape[1:]).transpose(1, 2).to(cache_k.dtype)
+            vg = v[g.start:g.end].view(g.rows, t, *v.shape[1:]).transpose(1, 2).to(cache_k.dtype)
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=t > 1, enable_gqa=True)
+        else:
+            s = g.kv_slots.shape[1]
+            kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2)  # (rows, n_kv, S, hd)
+            vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+        out[g.start:g.end] = o.transpose(1, 2).reshape(g.end - g.start, *q.shape[1:])
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -96,8 +170,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-                kv_len: int | None = None) -> Tensor:
+                kv_len: int | None = None, batch: PagedBatch | None = None, layer: int = 0) -> Tensor:
         b, t, _ = x.shape
+        if batch is not None:  # the engine's flat batch: x (1, N, dim)
+            q = apply_rope(self.wq(x).view(1, t, self.n_heads, self.head_dim), rope)[0]
+            k = apply_rope(self.wk(x).view(1, t, self.n_kv_heads, self.head_dim), rope)[0]
+            v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
+            out = paged_attention(q, k, v, batch, layer)
+            return self.wo(out.to(x.dtype).reshape(1, t, -1))
         q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -134,8 +214,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None, mask: Tensor | None,
-                kv_len: int | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
+                kv_len: int | None = None, batch: PagedBatch | None = None, layer: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len, batch, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -151,6 +231,15 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rope: Tensor | None = None  # (max_seq_len, hd/2, 2), set by setup_caches
         self.max_batch = self.max_seq_len = 0
+        self._paged_rope: Tensor | None = None  # rope rows for the paged path, grown on demand
+
+    def paged_rope(self, positions: Tensor) -> Tensor:
+        """Rope rows (N, hd/2, 2) for the positions of a paged batch; the table grows in powers of two."""
+        need = int(positions.max()) + 1
+        if self._paged_rope is None or self._paged_rope.shape[0] < need:
+            n = min(max(1024, 1 << (need - 1).bit_length()), max(self.config.max_seq_len, need))
+            self._paged_rope = rope_table(self.config, n, positions.device)
+        return self._paged_rope[positions]
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate KV caches for max_batch sequences of max_seq_len positions (prompt + new tokens).
@@ -198,12 +287,20 @@ class Transformer(nn.Module):
         return self.rope[input_pos], (input_pos[:, None] >= cache_pos[None, :])[None, None], kv_len
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, kv_len: int | None = None) -> Tensor:
+                last_only: bool = False, kv_len: int | None = None, batch: PagedBatch | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) in fp32, or (B, 1, vocab) with last_only.
 
         With caches set up, input_pos (T,) gives the positions of the tokens (increasing); the default
         mask is causal over the cache. mask, if given, is a bool (B or 1, 1, T, S) "may attend" mask.
+        With a PagedBatch, tokens (N,) are the engine's flat batch and the result is the logits of
+        batch.logits_rows (R, vocab) (of every token when it is None).
         """
+        if batch is not None:
+            x = self.tok_embeddings(tokens)[None]  # (1, N, dim)
+            rope = self.paged_rope(batch.positions)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rope, None, None, None, batch, i)
+            return self.paged_logits(x, batch)
         rope, mask, kv_len = self.positions(tokens.shape[1], input_pos, mask, kv_len, tokens.device)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
@@ -212,3 +309,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(x).float()
+
+    def paged_logits(self, x: Tensor, batch: PagedBatch) -> Tensor:
+        """Final norm and head on the rows whose logits are wanted only (the head is the largest matmul)."""
+        x = x[0] if batch.logits_rows is None else x[0, batch.logits_rows]
+        return self.output(self.norm(x)).float()

@@ -13,10 +13,12 @@ Weight names are Meta's consolidated-checkpoint names (`vision_model.vision_enco
 `text_model.cross_attention_layers.*`), except that the patch embedding is a Conv2d (`conv1.weight`,
 (width, 3, 14, 14)) rather than Meta's Unfold + Linear; checkpoint loaders convert at the edge.
 
-Per request, `set_images(images, prompt_tokens)` runs the encoder once, computes every cross-attention
-layer's keys/values (a cache sized by image tokens) and records which text rows see which image
-(`<|image|>` spans, spec §4.3). After that `setup_caches` / `forward(tokens, input_pos)` behave like the
-text `Transformer`'s, so a generic decode loop works unchanged. Without images the cross-attention
+Per request, `encode_images(images, prompt_tokens)` runs the encoder once, computes every
+cross-attention layer's keys/values (a cache sized by image tokens) and records which text rows see
+which image (`<|image|>` spans, spec §4.3): a `CrossAttentionState`. The serving engine keeps it with
+its sequence and passes it in the `PagedBatch`, so sequences with different images run in one batch.
+`set_images` keeps one state in the model for the contiguous-cache path (`setup_caches` /
+`forward(tokens, input_pos)`), used by parity tests. Without images the cross-attention
 blocks are skipped entirely. Text rows that see no image (those before the first `<|image|>`) get a
 zero cross-attention contribution, as in Meta's reference (Hugging Face 4.57 only zeroes the MLP
 branch there; spec §9 item 4).
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corral.models.config import ModelConfig
-from corral.models.llama import FeedForward, RMSNorm, Transformer
+from corral.models.llama import FeedForward, PagedBatch, RMSNorm, Transformer
 
 @dataclass(frozen=True)
 class VisionArgs:
@@ -263,22 +265,18 @@ class CrossAttention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps)  # per head, no RoPE
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
-        self.k: Tensor | None = None  # (B, n_kv_heads, vision tokens, head_dim): the cross-attention cache
-        self.v: Tensor | None = None
 
-    def set_kv(self, vision_tokens: Tensor | None) -> None:
-        """vision_tokens (B, S, dim), all tiles of all images of each prompt; None clears the cache."""
-        if vision_tokens is None:
-            self.k = self.v = None
-            return
+    def project_kv(self, vision_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """vision_tokens (B, S, dim), all tiles of all images of each prompt -> k, v (B, n_kv_heads, S, hd)."""
         b, s, _ = vision_tokens.shape
-        self.k = self.k_norm(self.wk(vision_tokens).view(b, s, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        self.v = self.wv(vision_tokens).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.wk(vision_tokens).view(b, s, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(vision_tokens).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
 
-    def forward(self, x: Tensor, mask: Tensor, row_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, row_mask: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.wq(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, self.k[:b], self.v[:b], attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, kv[0][:b], kv[1][:b], attn_mask=mask, enable_gqa=True)
         out = out * row_mask  # rows that see no image contribute nothing (Meta)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -293,9 +291,10 @@ class CrossAttentionTransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.gate_ffwd = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, mask: Tensor, row_mask: Tensor) -> Tensor:
-        """mask (B, 1, T, S) bool; row_mask (B, 1, T, 1): 1 where the row sees at least one tile."""
-        h = x + self.gate_attn.tanh() * self.attention(self.attention_norm(x), mask, row_mask)
+    def forward(self, x: Tensor, mask: Tensor, row_mask: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        """mask (B, 1, T, S) bool; row_mask (B, 1, T, 1): 1 where the row sees at least one tile; kv: this
+        block's keys/values of the vision tokens."""
+        h = x + self.gate_attn.tanh() * self.attention(self.attention_norm(x), mask, row_mask, kv)
         return h + self.gate_ffwd.tanh() * (self.feed_forward(self.ffn_norm(h)) * row_mask[:, 0])
 
 
@@ -320,15 +319,30 @@ class MllamaTextModel(Transformer):
         return x
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, xattn: tuple[Tensor, Tensor] | None = None,
-                kv_len: int | None = None) -> Tensor:
-        """As `Transformer.forward`; xattn = (mask, row_mask) from `cross_attention_masks` runs the
-        cross-attention blocks before the self-attention layers of the fusion schedule."""
+                last_only: bool = False, xattn: tuple | None = None, kv_len: int | None = None,
+                batch: PagedBatch | None = None) -> Tensor:
+        """As `Transformer.forward`; xattn = (mask, row_mask, state) runs the cross-attention blocks before
+        the self-attention layers of the fusion schedule. With a PagedBatch, each sequence of batch.cross
+        runs them over its own tokens with its own state; the others skip them (they see no image)."""
+        if batch is not None:
+            x = self.embed(tokens)[None]  # (1, N, dim)
+            rope = self.paged_rope(batch.positions)
+            masks = [(start, end, state, *state.masks(batch.positions[start:end], x.dtype))
+                     for start, end, state in batch.cross or []]
+            for i, layer in enumerate(self.layers):
+                if i in self.fusion and masks:
+                    x = x.clone()
+                    for start, end, state, m, row in masks:
+                        j = self.fusion[i]
+                        x[:, start:end] = self.cross_attention_layers[j](x[:, start:end], m, row, state.kv[j])
+                x = layer(x, rope, None, None, None, batch, i)
+            return self.paged_logits(x, batch)
         rope, mask, kv_len = self.positions(tokens.shape[1], input_pos, mask, kv_len, tokens.device)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             if xattn is not None and i in self.fusion:
-                x = self.cross_attention_layers[self.fusion[i]](x, *xattn)
+                m, row, state = xattn
+                x = self.cross_attention_layers[self.fusion[i]](x, m, row, state.kv[self.fusion[i]])
             x = layer(x, rope, input_pos, mask, kv_len)
         x = self.norm(x)
         if last_only:
@@ -357,8 +371,36 @@ def image_spans(tokens: list[int], image_token_ids: tuple[int, ...]) -> list[tup
     return [tuple(s) for s in spans]
 
 
+@dataclass
+class CrossAttentionState:
+    """One request's images, as the cross-attention layers see them: computed once per request.
+
+    kv: per cross-attention block, keys/values (B, n_kv_heads, S, hd) of all vision tokens of each prompt;
+    spans (B, N_img, 2): [start, end) of the text rows that see each image; tiles (B, N_img, tiles) bool:
+    the real tiles of each image.
+    """
+
+    kv: list[tuple[Tensor, Tensor]]
+    spans: Tensor
+    tiles: Tensor
+    tokens_per_tile: int
+
+    def masks(self, positions: Tensor, dtype: torch.dtype, batch: int = 1) -> tuple[Tensor, Tensor]:
+        """(mask (B, 1, T, S) bool, row_mask (B, 1, T, 1)) for the text rows at positions (T,)."""
+        pos = positions[None, :, None]
+        start, end = self.spans[:batch, None, :, 0], self.spans[:batch, None, :, 1]
+        sees = (pos >= start) & (pos < end)  # (B, T, N): row t sees image k
+        tiles = sees[..., None] & self.tiles[:batch, None]  # (B, T, N, tiles)
+        row = tiles.flatten(2).any(-1)[:, None, :, None]  # (B, 1, T, 1)
+        mask = tiles.repeat_interleave(self.tokens_per_tile, dim=3).flatten(2)[:, None]
+        # A row that sees nothing attends uniformly (as the reference's all-zero bias does) and is zeroed.
+        mask = mask | ~row
+        return mask, row.to(dtype)
+
+
 class MllamaTransformer(nn.Module):
-    """Llama 3.2 Vision: `set_images(...)` once per request, then use it like the text Transformer."""
+    """Llama 3.2 Vision: `encode_images(...)` once per request; then, for the engine, a `PagedBatch` whose
+    `cross` carries each sequence's state, or for the contiguous path `set_images` + `forward(tokens, input_pos)`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -367,8 +409,7 @@ class MllamaTransformer(nn.Module):
         self.vision_model = VisionModel(self.args, config.dim)
         self.text_model = MllamaTextModel(config, self.args)
         self.image_token_id = config.vocab_size  # the first learnable row (128256)
-        self._spans: Tensor | None = None  # (B, N_img, 2) [start, end) rows per image
-        self._tiles: Tensor | None = None  # (B, N_img, tiles) bool, real tiles
+        self._state: CrossAttentionState | None = None  # set_images: the contiguous path's images
 
     # The text model's cache interface, so the engine can treat this like a Transformer.
     @property
@@ -395,13 +436,11 @@ class MllamaTransformer(nn.Module):
         self.clear_images()
 
     def clear_images(self) -> None:
-        for block in self.text_model.cross_attention_layers:
-            block.attention.set_kv(None)
-        self._spans = self._tiles = None
+        self._state = None
 
     @property
     def has_images(self) -> bool:
-        return self._spans is not None
+        return self._state is not None
 
     def _model_tokens(self, tokens: Tensor) -> Tensor:
         """Meta's tokenizer writes `<|image|>` as 128011; the model reads it as image_token_id (128256)."""
@@ -409,7 +448,12 @@ class MllamaTransformer(nn.Module):
 
     @torch.no_grad()
     def set_images(self, images, prompt_tokens) -> None:
-        """Encode the images of a request and fill the cross-attention caches.
+        """The contiguous-cache path: encode a request's images (see encode_images) and keep them."""
+        self._state = self.encode_images(images, prompt_tokens)
+
+    @torch.no_grad()
+    def encode_images(self, images, prompt_tokens) -> CrossAttentionState | None:
+        """Run the encoder once and compute every cross-attention layer's keys/values; None without images.
 
         images: an `ImageBatch`, or the images of one prompt (a list of paths / bytes / PIL images /
         data URLs), or a list of such lists for a batch. prompt_tokens: (B, T) ids or a list of ids;
@@ -424,11 +468,10 @@ class MllamaTransformer(nn.Module):
         if rows.shape[0] != len(images.num_images):
             raise ValueError(f"{rows.shape[0]} prompts but images for {len(images.num_images)} prompts")
         ids = (self.image_token_id, self.args.image_placeholder_id)
-        self.clear_images()
         if sum(images.num_images) == 0:
             if any(bool(torch.isin(r, torch.tensor(ids)).any()) for r in rows):
                 raise ValueError("the prompt has <|image|> tokens but no images were given")
-            return
+            return None
         if images.pixel_values.shape[-1] != self.args.image_size:
             raise ValueError(f"images were tiled at {images.pixel_values.shape[-1]} px, the model expects "
                              f"{self.args.image_size} px tiles")
@@ -448,28 +491,22 @@ class MllamaTransformer(nn.Module):
         weight = self.text_model.tok_embeddings.weight
         vision = self.vision_model(images.pixel_values.to(weight.device), images.aspect_ratios.to(weight.device))
         vision = vision.to(weight.dtype).reshape(b, -1, vision.shape[-1])  # (B, N*tiles*tokens, dim)
-        for block in self.text_model.cross_attention_layers:
-            block.attention.set_kv(vision)
-        self._spans, self._tiles = spans.to(weight.device), tiles.to(weight.device)
+        kv = [block.attention.project_kv(vision) for block in self.text_model.cross_attention_layers]
+        return CrossAttentionState(kv, spans.to(weight.device), tiles.to(weight.device), self.args.tokens_per_tile)
 
     def cross_attention_masks(self, input_pos: Tensor, batch: int) -> tuple[Tensor, Tensor]:
         """(mask (B, 1, T, S) bool, row_mask (B, 1, T, 1)) for the text rows at input_pos (T,)."""
-        pos = input_pos[None, :, None]
-        start, end = self._spans[:batch, None, :, 0], self._spans[:batch, None, :, 1]
-        sees = (pos >= start) & (pos < end)  # (B, T, N): row t sees image k
-        tiles = sees[..., None] & self._tiles[:batch, None]  # (B, T, N, tiles)
-        row = tiles.flatten(2).any(-1)[:, None, :, None]  # (B, 1, T, 1)
-        mask = tiles.repeat_interleave(self.args.tokens_per_tile, dim=3).flatten(2)[:, None]
-        # A row that sees nothing attends uniformly (as the reference's all-zero bias does) and is zeroed.
-        mask = mask | ~row
-        return mask, row.to(self.text_model.tok_embeddings.weight.dtype)
+        return self._state.masks(input_pos, self.text_model.tok_embeddings.weight.dtype, batch)
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None,
-                last_only: bool = False, kv_len: int | None = None) -> Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) fp32; as `Transformer.forward`, plus the images set."""
+                last_only: bool = False, kv_len: int | None = None, batch: PagedBatch | None = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) fp32; as `Transformer.forward`, plus the images set.
+        With a PagedBatch: the engine's flat batch, each sequence with its own images (batch.cross)."""
         tokens = self._model_tokens(tokens)
+        if batch is not None:
+            return self.text_model(tokens, batch=batch)
         xattn = None
         if self.has_images:
             pos = input_pos if input_pos is not None else torch.arange(tokens.shape[1], device=tokens.device)
-            xattn = self.cross_attention_masks(pos, tokens.shape[0])
+            xattn = (*self.cross_attention_masks(pos, tokens.shape[0]), self._state)
         return self.text_model(tokens, input_pos, mask, last_only, xattn, kv_len)

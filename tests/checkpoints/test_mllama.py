@@ -235,9 +235,8 @@ def test_llm_chat_with_images_end_to_end(tmp_path):
     meta_input = ChatFormat(MetaTokenizer(tokenizer_model)).encode_dialog_prompt(
         [RawMessage(role="user", content=[RawMediaItem(data=buf.getvalue()), RawTextItem(text=question)])])
     ids = [128011 if t == 128256 else t for t in meta_input.tokens]  # the engine takes ids below the vocabulary
-    model.set_images([image], ids)
-    expected = [s.token_id for s in generate_tokens(model, ids, SamplingParams(**sampling))]
-    model.clear_caches()
+    expected = [s.token_id for s in generate_tokens(model, ids, SamplingParams(**sampling),
+                                                    cross_state=model.encode_images([image], ids))]
     assert got == expected
 
     # A raw completion as for the base models: `<|begin_of_text|><|image|>If I had to write a haiku ...`.
@@ -246,9 +245,8 @@ def test_llm_chat_with_images_end_to_end(tmp_path):
     meta_input = ChatFormat(MetaTokenizer(tokenizer_model)).encode_content(
         [RawMediaItem(data=buf.getvalue()), RawTextItem(text=haiku)])
     ids = [128011 if t == 128256 else t for t in meta_input.tokens]
-    model.set_images([image], ids)
-    assert got == [s.token_id for s in generate_tokens(model, ids, SamplingParams(**sampling))]
-    model.clear_caches()
+    assert got == [s.token_id for s in generate_tokens(model, ids, SamplingParams(**sampling),
+                                                       cross_state=model.encode_images([image], ids))]
 
     text_only = [{"role": "user", "content": question}]
     ids = llm.encode_chat(text_only)

@@ -39,27 +39,6 @@ def test_cached_decode_matches_full_forward():
     assert ids[len(PROMPT):] == cached
 
 
-def test_cache_sized_to_request_and_grows():
-    model = tiny(max_seq_len=4096)
-    list(generate_tokens(model, PROMPT, SamplingParams(temperature=0, max_tokens=20)))
-    assert model.max_seq_len == 64  # prompt + 20, rounded up to 64; never the 4096 context
-    # A long request starts at prompt + INITIAL_HEADROOM and grows in place when full (here from 64 to
-    # 128 positions), without changing the output.
-    from corral.engine import generate as gen
-    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-    old = gen.INITIAL_HEADROOM
-    try:
-        gen.INITIAL_HEADROOM = 16
-        model.clear_caches()
-        grown = [s.token_id for s in generate_tokens(model, PROMPT, params)]
-        assert model.max_seq_len == 128
-        gen.INITIAL_HEADROOM = 512
-        model.clear_caches()
-        assert [s.token_id for s in generate_tokens(model, PROMPT, params)] == grown
-    finally:
-        gen.INITIAL_HEADROOM = old
-
-
 def test_max_tokens_and_finish_reasons():
     model = tiny()
     steps = list(generate_tokens(model, PROMPT, SamplingParams(temperature=0, max_tokens=5)))

@@ -349,7 +349,7 @@ def test_chat_format_with_images_matches_llama_models(tmp_path):
 
 
 def test_engine_generate_matches_hf_generate(models):
-    """The engine's generic decode loop, unchanged, after set_images: greedy tokens equal HF generate."""
+    """The serving engine with the request's cross-attention state: greedy tokens equal HF generate."""
     from corral.engine.generate import generate_tokens
     from corral.engine.sampling import SamplingParams
 
@@ -357,11 +357,9 @@ def test_engine_generate_matches_hf_generate(models):
     tokens = prompt([0], 10)
     meta_style = [PLACEHOLDER if t == VOCAB else t for t in tokens]  # as Meta's tokenizer writes <|image|>
     batch = preprocess_images(random_images([(50, 20)]), TILE, 4)
-    ours.set_images(batch, meta_style)
-    try:
-        got = [step.token_id for step in generate_tokens(ours, meta_style, SamplingParams(max_tokens=6, temperature=0))]
-    finally:
-        ours.clear_caches()
+    state = ours.encode_images(batch, meta_style)
+    got = [step.token_id for step in generate_tokens(ours, meta_style, SamplingParams(max_tokens=6, temperature=0),
+                                                     cross_state=state)]
     with torch.no_grad():
         ref = hf.generate(**hf_inputs(tokens, batch), max_new_tokens=6, do_sample=False)[0, len(tokens):].tolist()
     assert got == ref

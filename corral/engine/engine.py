@@ -1,0 +1,370 @@
+"""The serving engine: many sequences at once over one paged KV cache, tokens in and tokens out.
+
+    engine = Engine(model, kv_cache_mb=512)
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32), stop_ids={2})
+    for step in handle: ...                     # TokenSteps as they are sampled; handle.close() cancels
+
+`submit` may be called from any thread. In threaded mode (the server, `LLM`) one loop thread runs
+`step()` while there is work; otherwise the thread that reads a handle drives the steps itself. A
+step is: the scheduler's plan (scheduler.py) -> one flat batch -> `model(tokens, batch=PagedBatch)` ->
+each sequence samples from its own logits with its own parameters -> its TokenStep goes to its queue.
+Finished and cancelled sequences give their blocks back at once; full blocks stay in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable
+
+import torch
+
+from corral.engine.kv_cache import BLOCK_SIZE, BlockManager
+from corral.engine.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
+from corral.engine.scheduler import FINISHED, RUNNING, Scheduler, Sequence, TokenStep, check_length
+from corral.models.llama import AttentionGroup, PagedBatch, PagedKVCache
+
+log = logging.getLogger("corral.engine")
+
+DEFAULT_MAX_NUM_SEQS = 32
+DEFAULT_MAX_BATCH_TOKENS = 512
+MAX_DEFAULT_POOL_BYTES = 8 << 30
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def default_pool_bytes(per_token: int, context: int, max_num_seqs: int) -> int:
+    """A fifth of the free memory, at most 8 GiB, and no more than max_num_seqs full contexts."""
+    return max(min(_available_memory() // 5, MAX_DEFAULT_POOL_BYTES, per_token * context * max_num_seqs),
+               per_token * BLOCK_SIZE * 4)
+
+
+class RequestHandle:
+    """The consumer's side of one sequence: iterate for TokenSteps; close() cancels it."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self.engine, self.seq = engine, seq
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenStep:
+        item = self.engine._next_output(self.seq)
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.seq.status != FINISHED:
+            self.engine.cancel(self.seq)
+
+    @property
+    def prompt_logprobs(self) -> list:
+        return self.seq.prompt_lps
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.seq.cached_tokens
+
+
+class Engine:
+    def __init__(self, model, *, kv_cache_mb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None,
+                 block_size: int = BLOCK_SIZE, threaded: bool = False, kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        if kv_dtype is None:  # fp32 on the CPU: 16-bit attention kernels are several times slower there
+            kv_dtype = torch.float32 if self.device.type == "cpu" else next(model.parameters()).dtype
+        self.context_length = min(context_length or model.config.max_seq_len, model.config.max_seq_len)
+        if max_batch_tokens < max_num_seqs:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs ({max_num_seqs})")
+        per_token = kv_bytes_per_token(model, kv_dtype)
+        pool_bytes = int(kv_cache_mb * 2**20) if kv_cache_mb else default_pool_bytes(
+            per_token, self.context_length, max_num_seqs)
+        n_blocks = pool_bytes // (per_token * block_size)
+        if n_blocks < 2:
+            raise ValueError(f"a KV cache of {pool_bytes / 2**20:.1f} MiB holds fewer than 2 blocks of {block_size} "
+                             f"tokens ({per_token * block_size / 2**20:.2f} MiB each) for this model")
+        c = model.config
+        self.cache = PagedKVCache(c.n_layers, n_blocks, block_size, c.n_kv_heads, c.head_dim, kv_dtype, self.device)
+        self.pool_bytes = n_blocks * block_size * per_token
+        self.capacity_tokens = n_blocks * block_size
+        # One sequence alone always fits: the pool is part of the context limit.
+        self.context_length = min(self.context_length, self.capacity_tokens)
+        self.scheduler = Scheduler(BlockManager(n_blocks, block_size), max_num_seqs, max_batch_tokens)
+        self.threaded = threaded
+        self._lock = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._cancelled: list[Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = self.tokens_computed = 0
+
+    def describe(self) -> str:
+        return (f"KV cache: {self.pool_bytes / 2**20:.0f} MiB, {self.capacity_tokens} tokens in "
+                f"{self.scheduler.blocks.n_blocks} blocks of {self.scheduler.blocks.block_size}; up to "
+                f"{self.scheduler.max_num_seqs} sequences, {self.scheduler.max_batch_tokens} tokens per step")
+
+    # --- the consumer's side ---------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stop_ids: Iterable[int] = (),
+               logits_processor=None, prompt_logprobs: int | None = None, cross_state=None,
+               leader: RequestHandle | None = None, use_prefix_cache: bool = True) -> RequestHandle:
+        """Queue one sequence; ValueError (at once) when the request cannot be served."""
+        params.validate()
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        max_new = check_length(len(prompt_ids), params.max_tokens, self.context_length)
+        seq = Sequence(list(prompt_ids), params, max_new,
+                       set(params.stop_token_ids) | (set() if params.ignore_eos else set(stop_ids)),
+                       logits_processor, prompt_logprobs, cross_state, use_prefix_cache,
+                       leader=leader.seq if leader is not None else None)
+        if not params.greedy:
+            seq.generator = make_generator(params.seed, self.device)
+        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            seq.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            if max_new == 0 and prompt_logprobs is None:
+                seq.status = FINISHED
+                seq.out.put(None)
+            else:
+                self._incoming.append(seq)
+                self._lock.notify_all()
+            if self.threaded and self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="corral-engine", daemon=True)
+                self._thread.start()
+        return RequestHandle(self, seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._lock:
+            seq.cancelled = True
+            self._cancelled.append(seq)
+            self._lock.notify_all()
+
+    def _next_output(self, seq: Sequence):
+        if self.threaded:
+            return seq.out.get()
+        while seq.out.empty():  # no loop thread: the reader drives the engine
+            self.step()
+        return seq.out.get()
+
+    def shutdown(self) -> None:
+        """Stop the loop; every unfinished sequence ends with an error."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._fail_all(RuntimeError("the engine was shut down"))
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._incoming or self._cancelled or self.scheduler.running or self.scheduler.waiting):
+                    if self._closed:
+                        return
+                    self._lock.wait()
+                if self._closed:
+                    return
+            self.step()
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self.scheduler.running or self.scheduler.waiting)
+
+    def step(self) -> None:
+        """Admit, schedule, run one forward, sample, emit."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, []
+        for seq in incoming:
+            if seq.cancelled:
+                self._finish(seq)
+            else:
+                self.scheduler.add(seq)
+        for seq in cancelled:
+            if seq.status != FINISHED:
+                self._finish(seq)
+        plan = self.scheduler.schedule()
+        if not plan:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the first in line cannot be admitted: the pool is too small for it.
+                seq = self.scheduler.waiting[0]
+                self._finish(seq, ValueError(f"the sequence needs {seq.n_tokens + 1} tokens of KV cache, more "
+                                             f"than the pool holds ({self.capacity_tokens}); raise kv_cache_mb"))
+            return
+        try:
+            logits, rows = self._forward(plan)
+        except Exception as e:  # noqa: BLE001 - every sequence of the batch gets the error
+            log.exception("engine step failed")
+            for seq, _ in plan:
+                self._finish(seq, RuntimeError(f"generation failed: {type(e).__name__}"))
+            return
+        self.steps += 1
+        for (seq, n), row in zip(plan, rows):
+            if seq.status == FINISHED:  # e.g. prompt log-probabilities only, now complete
+                continue
+            seq.n_computed += n
+            self._register_full_blocks(seq)
+            if row is not None:
+                try:
+                    self._sample(seq, logits[row])
+                except Exception as e:  # noqa: BLE001 - a failing logits processor ends its own sequence
+                    log.exception("sampling failed")
+                    self._finish(seq, e if isinstance(e, ValueError) else RuntimeError(f"sampling failed: {e}"))
+
+    def _forward(self, plan: list[tuple[Sequence, int]]):
+        """One flat batch for the plan -> (logits (R, vocab), the logits row of each plan entry or None)."""
+        bs = self.scheduler.blocks.block_size
+        tokens, positions, slots, groups, logit_rows, rows, cross = [], [], [], [], [], [], []
+        decodes = [(seq, n) for seq, n in plan if n == 1]
+        for seq, n in plan:
+            start = seq.n_computed
+            if seq.cross_state is not None:  # vision: this sequence's tokens run its own cross-attention
+                cross.append((len(tokens), len(tokens) + n, seq.cross_state))
+            pos = range(start, start + n)
+            tokens += seq.tokens[start:start + n]
+            positions += pos
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+        if decodes:  # every single-token entry attends in one padded group
+            lengths = [seq.n_computed + 1 for seq, _ in decodes]
+            width = max(lengths)
+            kv = torch.tensor([_slots(seq.block_table, length, bs, width) for (seq, _), length in zip(decodes, lengths)])
+            mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+            groups.append(AttentionGroup(0, len(decodes), len(decodes), kv.to(self.device),
+                                         mask[:, None, None, :].to(self.device)))
+        offset = len(decodes)
+        for seq, n in plan[len(decodes):]:
+            ctx = seq.n_computed + n
+            if seq.n_computed == 0:
+                groups.append(AttentionGroup(offset, offset + n, 1, torch.empty(0), None))
+            else:
+                kv = torch.tensor([_slots(seq.block_table, ctx, bs, ctx)])
+                q_pos = torch.arange(seq.n_computed, ctx)
+                mask = torch.arange(ctx)[None, :] <= q_pos[:, None]
+                groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), mask[None, None].to(self.device)))
+            offset += n
+        offset = 0
+        for seq, n in plan:
+            wants = seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
+            if seq.prompt_logprobs is not None and not seq.generated and seq.n_computed < len(seq.prompt):
+                first = len(logit_rows)
+                logit_rows += range(offset, offset + n)
+                rows.append((first, n) if not wants else (first, n, True))
+            else:
+                rows.append(len(logit_rows) if wants else None)
+                if wants:
+                    logit_rows.append(offset + n - 1)
+            offset += n
+        batch = PagedBatch(self.cache, torch.tensor(positions, device=self.device),
+                           torch.tensor(slots, device=self.device), groups,
+                           torch.tensor(logit_rows, dtype=torch.long, device=self.device), cross or None)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(tokens, device=self.device), batch=batch)
+        self.tokens_computed += len(tokens)
+        out_rows = []
+        for (seq, n), row in zip(plan, rows):
+            if isinstance(row, tuple):  # prompt log-probabilities for this chunk
+                self._prompt_logprobs(seq, logits[row[0]:row[0] + row[1]], seq.n_computed)
+                out_rows.append(row[0] + row[1] - 1 if len(row) == 3 else None)
+            else:
+                out_rows.append(row)
+        return logits, out_rows
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Rows of positions start.. predict tokens start+1..: the log-probability of each prompt token
+        (the first has none). A chunk computed again after a preemption adds nothing."""
+        if not seq.prompt_lps:
+            seq.prompt_lps.append((None, []))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        k = seq.prompt_logprobs
+        for i in range(logits.shape[0]):
+            target = start + i + 1
+            if target >= len(seq.prompt):
+                break
+            if target < len(seq.prompt_lps):
+                continue
+            top = []
+            if k:
+                v, ids = torch.topk(logp[i], k)
+                top = list(zip(ids.tolist(), v.tolist()))
+            seq.prompt_lps.append((float(logp[i, seq.prompt[target]]), top))
+        if start + logits.shape[0] >= len(seq.prompt) and seq.max_new == 0:
+            self._finish(seq)
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        if not seq.use_prefix_cache or seq.cross_state is not None:
+            return
+        bs = self.scheduler.blocks.block_size
+        tokens = None
+        while (seq.n_registered + 1) * bs <= seq.n_computed:
+            i = seq.n_registered
+            tokens = tokens or seq.tokens
+            seq.last_key = self.scheduler.blocks.register(seq.block_table[i], seq.last_key, tokens[i * bs:(i + 1) * bs])
+            seq.n_registered += 1
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        params = seq.params
+        with torch.inference_mode():
+            if seq.processor is not None:
+                logits = seq.processor(list(seq.generated), logits)
+            penalized = logits
+            if seq.counts is not None:
+                penalized = apply_penalties(logits, params, seq.counts, seq.seen)
+            next_id = int(sample(penalized, params, seq.generator))
+            if seq.counts is not None:
+                seq.counts[next_id] += 1
+                seq.seen[next_id] = True
+            step = TokenStep(next_id)
+            if params.logprobs is not None:
+                step.logprob, step.top_logprobs = token_logprobs(logits, next_id, params.logprobs)
+        seq.generated.append(next_id)
+        if next_id in seq.stop_ids:
+            step.finish_reason = "stop"
+        elif len(seq.generated) >= seq.max_new:
+            step.finish_reason = "length"
+        seq.out.put(step)
+        if step.finish_reason is not None:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence, error: BaseException | None = None) -> None:
+        self.scheduler.free(seq)
+        if seq.status != FINISHED:
+            seq.status = FINISHED
+            seq.out.put(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending, self._incoming = self._incoming, []
+        for seq in pending + list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, error)
+
+
+def _slots(block_table: list[int], length: int, bs: int, width: int) -> list[int]:
+    """Cache slots of positions 0..length-1, padded to width with the first one (masked out)."""
+    slots = [block_table[p // bs] * bs + p % bs for p in range(length)]
+    return slots + [slots[0]] * (width - length)
+
