@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from corral import limits
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
@@ -17,25 +19,32 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    # Ranges in the help come from corral.limits; SamplingParams.validate checks them (see sampling_params).
     g = p.add_argument_group("sampling (OpenAI request fields)")
     g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
-                   help=f"most new tokens to generate (default {max_tokens})")
+                   help=f"most new tokens to generate, {limits.ENGINE_MAX_TOKENS.text} (default {max_tokens})")
     g.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="0 = greedy; higher = more random (default 0.7)")
+                   help=f"0 = greedy; higher = more random, {limits.TEMPERATURE.text} (default 0.7)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: keep the most likely tokens summing to P (default 1.0 = off)")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K most likely tokens (0 = off)")
+                   help=f"nucleus sampling: keep the most likely tokens summing to P, {limits.TOP_P.text} "
+                        f"(default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help=f"keep only the K most likely tokens, {limits.TOP_K.text} (0 = off)")
     g.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                   help="drop tokens less likely than P x the top token's probability (0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+                   help=f"drop tokens less likely than P x the top token's probability, {limits.MIN_P.text} (0 = off)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed (a 64-bit integer): the same seed gives the same output")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT is generated (not printed); repeatable")
     g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="divide logits of tokens already in prompt or output by R (1.0 = off)")
+                   help=f"divide logits of tokens already in prompt or output by R, {limits.REPETITION_PENALTY.text} "
+                        f"(1.0 = off)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
-                   help="subtract F x (times generated) from a token's logit, -2..2 (0 = off)")
+                   help=f"subtract F x (times generated) from a token's logit, {limits.FREQUENCY_PENALTY.text} "
+                        f"(0 = off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
-                   help="subtract P from the logit of every token generated so far, -2..2 (0 = off)")
+                   help=f"subtract P from the logit of every token generated so far, {limits.PRESENCE_PENALTY.text} "
+                        f"(0 = off)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's end-of-turn token")
 
 

@@ -125,6 +125,39 @@ def _python_value_rule(name: str, schema: dict) -> str:
     return f"{name}: %json {_compact(schema)}"
 
 
+def _python_arguments(k: int, params: dict, rules: list[str]) -> str:
+    """Lark for the keyword arguments of tool k: `a=1, b="x"`, in schema order, optional ones omissible.
+
+    A property is optional unless `required` lists it (JSON Schema's rule: no `required`, all optional).
+    The arguments are a comma-separated subsequence of the properties that keeps every required one:
+    one alternative per property that can come first (it and every later required one present, the
+    optional ones between present or not), each later argument carrying its own leading ", ".
+    Returns "" for a function without properties.
+    """
+    props = params.get("properties") or {}
+    required = set(params.get("required") or []) & set(props)
+    names = list(props)
+    args = []
+    for j, p in enumerate(names):
+        rule = f"arg_{k}_{j}"
+        rules.append(_python_value_rule(rule, props[p]))
+        args.append(f"{_lark_literal(p + '=')} {rule}")
+    if not args:
+        return ""
+
+    def after(j: int) -> str:  # the arguments after the j-th, each with its ", "
+        later = [f'", " {args[i]}' if names[i] in required else f'(", " {args[i]})?' for i in range(j + 1, len(names))]
+        return " ".join(later)
+
+    firsts = []
+    for j in range(len(names)):
+        firsts.append(f"{args[j]} {after(j)}".strip())
+        if names[j] in required:  # nothing after a required argument can come first
+            break
+    seq = " | ".join(f"({f})" for f in firsts)
+    return f"({seq})" if required else f"({seq})?"
+
+
 def tool_call_grammar(tools: list[dict], style: str, *, prefix: str = "", suffix: str = "",
                       optional: bool = False) -> str:
     """A grammar forcing exactly one call to one of `tools` in the model's own syntax.
@@ -133,7 +166,7 @@ def tool_call_grammar(tools: list[dict], style: str, *, prefix: str = "", suffix
     that does not start the way a call starts (its first character differs from the call's).
 
     style:
-      "python_list"  Llama 3.2 1B/3B: `[name(a=1, b="x")]` (required arguments, schema order)
+      "python_list"  Llama 3.2 1B/3B: `[name(a=1, b="x")]` (schema order; optional ones may be left out)
       "json"         Llama 3.1: `{"name": "f", "parameters": {...}}`
       "generic"      Jinja models without native tools: `{"name": "f", "arguments": {...}}`
     prefix/suffix wrap the call (e.g. a template's `<tool_call>` ... `</tool_call>`).
@@ -149,15 +182,8 @@ def tool_call_grammar(tools: list[dict], style: str, *, prefix: str = "", suffix
         params = dict(fn.get("parameters") or {"type": "object", "properties": {}})
         params.setdefault("additionalProperties", False)  # as OpenAI's strict function calling
         if style == "python_list":
-            props = params.get("properties", {}) or {}
-            required = [p for p in params.get("required", list(props)) if p in props]
-            parts = []
-            for j, p in enumerate(required):
-                rule = f"arg_{k}_{j}"
-                rules.append(_python_value_rule(rule, props[p]))
-                parts.append(f'{_lark_literal(p + "=")} {rule}')
-            args = ' ", " '.join(parts) if parts else ""
-            alternatives.append(f'{_lark_literal(name + "(")} {args} ")"'.replace("  ", " "))
+            args = _python_arguments(k, params, rules)
+            alternatives.append(f'{_lark_literal(name + "(")} {args} ")"' if args else _lark_literal(name + "()"))
         elif style in ("json", "generic"):
             key = "parameters" if style == "json" else "arguments"
             schema = {"type": "object", "properties": {"name": {"const": name}, key: params},

@@ -283,7 +283,7 @@ class Engine:
                            torch.tensor(slots, device=self.device), groups,
                            torch.tensor(logit_rows, dtype=torch.long, device=self.device), cross or None)
         with torch.inference_mode():
-            logits = self.model(torch.tensor(tokens, device=self.device), batch=batch)
+            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), batch=batch)
         self.tokens_computed += len(tokens)
         out_rows = []
         for (seq, n), row in zip(plan, rows):

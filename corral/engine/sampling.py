@@ -17,11 +17,12 @@ penalties and temperature), as vLLM and OpenAI do.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from corral import limits
 
 
 @dataclass
@@ -54,40 +55,20 @@ class SamplingParams:
         return self.temperature == 0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-
-        def number(name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if lo is not None and (value < lo or (lo_open and value == lo)):
-                raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
-            if hi is not None and value > hi:
-                raise ValueError(f"{name} must be <= {hi:g}, got {value!r}")
-
-        def integer(name: str, lo: int, hi: int | None = None, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if value < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {value!r}")
-            if hi is not None and value > hi:
-                raise ValueError(f"{name} must be <= {hi}, got {value!r}")
-
-        integer("max_tokens", 0, optional=True)
-        number("temperature", 0.0)
-        if math.isinf(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature!r}")
-        number("top_p", 0.0, 1.0, lo_open=True)
-        integer("top_k", 0)
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, lo_open=True)
-        number("frequency_penalty", -2.0, 2.0)
-        number("presence_penalty", -2.0, 2.0)
-        integer("seed", -(2**63), 2**64 - 1, optional=True)
-        integer("logprobs", 0, 20, optional=True)
+        """Raise ValueError naming the first invalid field (the ranges are corral.limits')."""
+        if self.max_tokens is not None:
+            limits.ENGINE_MAX_TOKENS.check("max_tokens", self.max_tokens)
+        limits.TEMPERATURE.check("temperature", self.temperature)
+        limits.TOP_P.check("top_p", self.top_p)
+        limits.TOP_K.check("top_k", self.top_k)
+        limits.MIN_P.check("min_p", self.min_p)
+        limits.REPETITION_PENALTY.check("repetition_penalty", self.repetition_penalty)
+        limits.FREQUENCY_PENALTY.check("frequency_penalty", self.frequency_penalty)
+        limits.PRESENCE_PENALTY.check("presence_penalty", self.presence_penalty)
+        if self.seed is not None:
+            limits.SEED.check("seed", self.seed)
+        if self.logprobs is not None:
+            limits.LOGPROBS.check("logprobs", self.logprobs)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(

@@ -12,10 +12,15 @@ of OpenAI chunk dicts that the server frames as Server-Sent Events.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import time
 from typing import Any, AsyncIterator, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from corral import limits
 
 
 class APIError(Exception):
@@ -43,9 +48,28 @@ class Strict(BaseModel):
 # Chat completions
 
 
+# Images come inline only: the server fetches nothing (it may have no network) and never reads a
+# path on its own disk, so a URL, a `file://` or a bare path is refused here, before any provider.
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
+
+
 class ImageURL(Strict):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _data_url_only(cls, v: str) -> str:
+        head = _DATA_URL.match(v)
+        if head is None:
+            shown = v if len(v) <= 40 else v[:40] + "..."
+            raise ValueError(f"only data: URLs are accepted ('data:image/<type>;base64,<data>'), got {shown!r}: "
+                             "the server does not fetch URLs or read files")
+        try:
+            base64.b64decode(v[head.end():], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the data: URL's payload is not valid base64") from None
+        return v
 
 
 class ContentPart(Strict):
@@ -78,9 +102,27 @@ class ChatMessage(Strict):
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    name: str | None = None  # a participant's name (OpenAI); kept in the store, not rendered
+    # What an OpenAI SDK's assistant message carries when a client appends it to the history as is:
+    # accepted when empty (null, or annotations, which are output-only citations). A non-null value
+    # is something we cannot honour, so it is refused below.
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        for field in ("refusal", "reasoning_content", "audio", "function_call", "annotations"):
+            if getattr(self, field) is not None and self.role != "assistant":
+                raise ValueError(f"`{field}` belongs to `assistant` messages")
+        for field in ("refusal", "reasoning_content", "audio", "function_call"):
+            if getattr(self, field) is not None:
+                raise ValueError(f"`{field}` in the history must be null: Corral does not take it as input"
+                                 + (" (send `tool_calls`)" if field == "function_call" else ""))
+        if self.name is not None and self.role in ("tool", "ipython"):
+            raise ValueError(f"a `{self.role}` message has no `name`")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a `tool` message needs `tool_call_id`")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
@@ -142,19 +184,19 @@ class SamplingFields(Strict):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=8)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, **limits.N.field())
+    temperature: float | None = Field(None, **limits.TEMPERATURE.field())
+    top_p: float | None = Field(None, **limits.TOP_P.field())
+    max_tokens: int | None = Field(None, **limits.MAX_TOKENS.field())
     stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, **limits.SEED.field())
+    frequency_penalty: float | None = Field(None, **limits.FREQUENCY_PENALTY.field())
+    presence_penalty: float | None = Field(None, **limits.PRESENCE_PENALTY.field())
     user: str | None = None
     # vLLM-style extensions (llama-stack-client's sampling params map onto these)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, **limits.TOP_K.field())
+    min_p: float | None = Field(None, **limits.MIN_P.field())
+    repetition_penalty: float | None = Field(None, **limits.REPETITION_PENALTY.field())
     # OpenAI fields we cannot honour: declared so the error can say so (see `unsupported`)
     logit_bias: dict[str, float] | None = None
 
@@ -162,8 +204,8 @@ class SamplingFields(Strict):
     @classmethod
     def _stop(cls, v):
         if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences")
+            if len(v) > limits.MAX_STOP:
+                raise ValueError(f"at most {limits.MAX_STOP} stop sequences")
             if not all(s for s in v):
                 raise ValueError("stop sequences must be non-empty")
         elif v == "":
@@ -184,13 +226,13 @@ class SamplingFields(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, **limits.MAX_TOKENS.field())
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **limits.LOGPROBS.field())
     store: bool | None = None  # every completion is stored; store=false opts out
     metadata: dict[str, str] | None = None
 
@@ -215,7 +257,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, **limits.LOGPROBS.field())
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)

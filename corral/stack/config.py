@@ -22,12 +22,22 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
       - model_id: SmolLM2-135M-Instruct
         provider_id: corral
         checkpoint: ~/.corral/models/SmolLM2-135M-Instruct/model.gguf   # optional: name or path
+        max_tokens: 4096        # cap on tokens generated per request (null: no cap but the context)
+        context_length: null    # cap on prompt + generation per request (null: the model's own)
+        kv_cache_mb: null       # memory for the engine's paged KV-cache pool (null: from free memory)
+        max_num_seqs: 32        # sequences the engine runs at once
+        max_batch_tokens: 512   # tokens one engine step processes (longer prompts prefill in chunks)
       - model_id: all-MiniLM-L6-v2
         provider_id: embeddings
         model_type: embedding
       - model_id: llama-8b
         provider_id: vllm
         provider_model_id: meta-llama/Llama-3.1-8B-Instruct
+
+The per-model limits bound what one request can take: a request's `max_tokens` above the model's
+`max_tokens` is a 400 that names the cap, and a request that omits it gets min(cap, room left in the
+context), so nobody holds a model for its whole 131K context by forgetting `max_tokens`. They are
+read by the inline engine only: set on a remote or embedding model they are an error.
 
 Every key is checked at start; an error names the file and the key (`models[1].provider_id: ...`).
 """
@@ -46,6 +56,8 @@ INLINE = "inline::corral"
 EMBEDDINGS = "inline::sentence-transformers"
 REMOTE = "remote::openai-compatible"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# ModelEntry keys that only the inline engine reads
+INLINE_ONLY = ("dtype", "quantize", "max_tokens", "context_length", "kv_cache_mb", "max_num_seqs", "max_batch_tokens")
 
 
 class ConfigError(ValueError):
@@ -88,6 +100,19 @@ class ModelEntry(_Strict):
     checkpoint: str | None = None  # inline: a registry name or a checkpoint path (default: model_id)
     dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (fp32 for GGUF)
     quantize: Literal["int8"] | None = None  # inline: weight-only int8 at load (fastest CPU decode)
+    # Inline serving limits: what one request may take of the model, and how the engine batches.
+    max_tokens: int | None = Field(4096, ge=1)  # cap on tokens generated per request (None: the context's room)
+    context_length: int | None = Field(None, ge=16)  # cap on prompt + generation (None: the model's own)
+    kv_cache_mb: int | None = Field(None, ge=1)  # the paged KV-cache pool (None: derived from free memory)
+    max_num_seqs: int = Field(32, ge=1)  # sequences the engine runs at once
+    max_batch_tokens: int = Field(512, ge=1)  # tokens one engine step may process (chunked prefill)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): each running sequence needs one token per step")
+        return self
 
 
 class RunConfig(_Strict):
@@ -125,6 +150,10 @@ class RunConfig(_Strict):
                                  f"(use provider_model_id)")
             if kind != REMOTE and m.provider_model_id:
                 raise ValueError(f"models[{k}].provider_model_id: only remote models have one")
+            if kind != INLINE:  # fail closed: a limit that nothing would enforce is a mistake
+                for key in sorted(m.model_fields_set & set(INLINE_ONLY)):
+                    raise ValueError(f"models[{k}].{key}: only inline::corral models have one "
+                                     f"(provider {m.provider_id!r} is {kind})")
         if any(not k for k in self.api_keys):
             raise ValueError("api_keys: an API key must not be empty")
         return self

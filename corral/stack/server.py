@@ -9,7 +9,10 @@ validated request object. Around the routes:
   - streams are Server-Sent Events ending in `data: [DONE]`; a client that disconnects closes the
     provider's iterator, which stops its generation;
   - every chat completion (streamed or not; inline or remote) is stored in SQLite for
-    `GET /v1/chat/completions[/{id}]`, unless the request says `store: false`.
+    `GET /v1/chat/completions[/{id}]`, unless the request says `store: false`; it is stored before
+    the answer (or a stream's `[DONE]`) goes out, under an id no other stored completion has;
+  - an unexpected exception is logged with its traceback and answered with a generic 500 (in a
+    stream that already started: a generic error event): its text never reaches the client.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import corral
 from corral.stack.api import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelInfo
 from corral.stack.config import EMBEDDINGS, INLINE, REMOTE, RunConfig
 from corral.stack.store import CompletionStore
+
+# Llama Stack's clients page with up to 1000 items (OpenAI's own lists stop at 100).
+MAX_PAGE = 1000
 
 log = logging.getLogger("corral.server")
 
@@ -87,7 +93,7 @@ class Stack:
     async def close(self) -> None:
         for p in self.providers.values():
             await p.close()
-        self.store.close()
+        await asyncio.to_thread(self.store.close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +141,12 @@ class Guard:
         except _BodyTooLarge:
             if not started:
                 await _send_error(send, _too_large(self.max_body_bytes))
+        except Exception as e:  # noqa: BLE001 - the last line of defence: nothing internal leaks
+            # Starlette answers through the app's `Exception` handler (which logs) and then re-raises.
+            if not getattr(e, "_corral_logged", False):
+                log.exception("request failed: %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await _send_error(send, _internal_error())
 
 
 class _BodyTooLarge(Exception):
@@ -159,6 +171,11 @@ async def _send_error(send, err: APIError) -> None:
 # Errors
 
 
+def _internal_error() -> APIError:
+    """What a client sees of an unexpected exception: nothing of its text (that goes to the log)."""
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -166,10 +183,20 @@ def _error_response(err: APIError) -> JSONResponse:
 def _validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
     """One readable message for pydantic's errors; the first error's field is the `param`."""
     parts, param, code = [], None, "invalid_request"
+
+    def is_member(p) -> bool:  # union members show up as loc steps like 'str' / 'list[int]'
+        return isinstance(p, str) and ("[" in p or "-" in p or p in ("str", "int", "float", "bool", "dict"))
+
+    def shallow(e) -> bool:
+        # A union member that failed on the type alone ("should be a valid string") while another member
+        # of the same union failed deeper inside: the deeper error is the one that says what is wrong.
+        loc = tuple(e.get("loc", ()))
+        return bool(loc) and is_member(loc[-1]) and any(
+            tuple(o.get("loc", ()))[:len(loc) - 1] == loc[:-1] and len(o.get("loc", ())) > len(loc) for o in errors)
+
+    errors = [e for e in errors if not shallow(e)] or errors
     for e in errors:
-        # union members show up as loc steps like 'str' / 'list[int]': drop them from the path
-        loc = [p for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and (
-            "[" in p or "-" in p or p in ("str", "int", "float", "bool", "dict")))]
+        loc = [p for p in e.get("loc", ()) if p != "body" and not is_member(p)]
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         if e["type"] == "extra_forbidden":
             parts.append(f"unrecognized request field {path!r}: Corral does not implement it")
@@ -195,28 +222,46 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
 # Streams
 
 
-def _sse(chunks: AsyncIterator[dict], on_complete=None) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def events():
-        done = False
         try:
             async for chunk in chunks:
-                if on_complete is not None:
-                    on_complete(chunk, False)
                 yield f"data: {json.dumps(chunk)}\n\n"
-            done = True
             yield "data: [DONE]\n\n"
         except APIError as e:  # after the response started: report in-band, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             log.exception("stream failed")
-            yield f"data: {json.dumps(APIError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+            yield f"data: {json.dumps(_internal_error().body())}\n\n"
         finally:
             await chunks.aclose()
-            if done and on_complete is not None:
-                on_complete(None, True)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stored_stream(store: CompletionStore, chunks: AsyncIterator[dict], messages: list[dict],
+                         extra: dict) -> AsyncIterator[dict]:
+    """The provider's chunks, under a claimed id, with the whole completion stored after the last one.
+
+    The write happens before `_sse` sends `[DONE]`: a client that has read the whole stream can
+    retrieve the completion at once. A stream that fails or is abandoned stores nothing.
+    """
+    acc = _ChatAccumulator()
+    cid = None
+    try:
+        async for chunk in chunks:
+            if cid is None:
+                cid = await store.aclaim(chunk["id"])
+            chunk = {**chunk, "id": cid}
+            acc.add(chunk)
+            yield chunk
+        if cid is not None:
+            await store.aput({**acc.completion(), **extra}, messages)
+    finally:
+        if cid is not None:
+            store.release(cid)  # a no-op once stored
+        await chunks.aclose()
 
 
 class _ChatAccumulator:
@@ -302,8 +347,9 @@ def create_app(cfg: RunConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _crash(request, err: Exception):
-        log.exception("request failed")
-        return _error_response(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+        log.error("request failed: %s %s", request.method, request.url.path, exc_info=err)
+        err._corral_logged = True  # Starlette re-raises it to the Guard: log it once
+        return _error_response(_internal_error())
 
     # -- inference ------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -311,38 +357,35 @@ def create_app(cfg: RunConfig) -> FastAPI:
         _check_supported(req)
         model, provider = stack.resolve(req.model, "llm")
         result = await _unless_disconnected(request, provider.chat_completion(model, req))
-        store = req.store is not False
+        if req.store is False:
+            return _sse(result) if req.stream else result
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         extra = {k: v for k, v in (("metadata", req.metadata), ("user", req.user)) if v}
-        if not req.stream:
-            if store:
-                await asyncio.to_thread(stack.store.put, {**result, **extra}, messages)
-            return result
-        acc = _ChatAccumulator()
-
-        def on_chunk(chunk, finished):
-            if chunk is not None:
-                acc.add(chunk)
-            elif store and acc.head:
-                stack.store.put({**acc.completion(), **extra}, messages)
-
-        return _sse(result, on_chunk)
+        if req.stream:
+            return _sse(_stored_stream(stack.store, result, messages, extra))
+        # The provider's id, unless a stored completion has it already (remote ids need not be unique).
+        result = {**result, "id": await stack.store.aclaim(result["id"])}
+        try:
+            await stack.store.aput({**result, **extra}, messages)
+        finally:
+            stack.store.release(result["id"])  # a no-op once stored; frees the id if the write failed
+        return result
 
     @app.get("/v1/chat/completions")
     async def list_chat_completions(limit: int = 20, order: str = "desc", after: str | None = None,
                                     model: str | None = None):
-        if not 1 <= limit <= 100:
-            raise APIError(400, f"limit must be between 1 and 100, got {limit}", param="limit")
+        if not 1 <= limit <= MAX_PAGE:
+            raise APIError(400, f"limit must be between 1 and {MAX_PAGE}, got {limit}", param="limit")
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
         try:
-            return await asyncio.to_thread(stack.store.list, limit=limit, order=order, after=after, model=model)
+            return await stack.store.alist(limit=limit, order=order, after=after, model=model)
         except KeyError:
             raise APIError(400, f"after: no chat completion with id {after!r}", param="after") from None
 
     @app.get("/v1/chat/completions/{completion_id}")
     async def get_chat_completion(completion_id: str):
-        found = await asyncio.to_thread(stack.store.get, completion_id)
+        found = await stack.store.aget(completion_id)
         if found is None:
             raise APIError(404, f"chat completion {completion_id!r} not found", type="not_found_error",
                            code="not_found")

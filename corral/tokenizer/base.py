@@ -76,6 +76,11 @@ class ChatFormat(Protocol):
     def parse_response(self, text: str, *, tools: list[dict] | None = None) -> AssistantMessage:
         ...
 
+    def tool_call_streamer(self, tools: list[dict] | None = None):
+        """A `tool_stream.ToolCallStreamer` for this format's replies: push(delta) / finish() give content and
+        tool-call events; its `message` is then what parse_response gives for the whole text."""
+        ...
+
 
 class StreamDecoder:
     """Incremental detokenizer: `push(id)` returns only complete UTF-8 characters, `flush()` the rest.

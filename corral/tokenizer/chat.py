@@ -8,17 +8,20 @@
   function_tag for 3.1 and 3.2-Vision.
 - `JinjaChatFormat`: a Hugging Face chat template rendered like transformers' `apply_chat_template`
   (sandboxed jinja2, trim_blocks + lstrip_blocks, `raise_exception`, `strftime_now`, non-escaping `tojson`,
-  `{% generation %}`), tokenized with special tokens recognised. A template that does not read `tools` gets
-  the generic fallback `generic_tools_prompt` in its system message, and the model is asked to answer with
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+  `{% generation %}`), tokenized with the template's special tokens recognised and none from the messages:
+  `<|im_start|>` typed in a message is text (`SpecialText`; transformers would make it a control token).
+  A template that does not read `tools` gets the generic fallback `generic_tools_prompt` in its system
+  message, and the model is asked to answer with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
 - `chat_format_for(config, tokenizer)` picks one from the model config.
-Both parse replies with `tool_calls.extract_tool_calls` (Meta's rules plus robustness).
+Both read replies through a `tool_stream.ToolCallStreamer` set up for their syntax (`tool_call_streamer(tools)`);
+`parse_response` is that streamer fed the whole reply, so streamed and whole replies parse the same.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from typing import Any
 
 import jinja2
@@ -30,10 +33,17 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from corral.tokenizer.base import AssistantMessage, Tokenizer
 from corral.tokenizer.prompts import (augment_messages_llama3_1, augment_messages_llama3_2, normalize_tools,
                                      tool_choice_prompt)
-from corral.tokenizer.tool_calls import encode_tool_call, extract_tool_calls
+from corral.tokenizer.tool_calls import ALL_SYNTAXES, encode_tool_call
+from corral.tokenizer.tool_stream import ToolCallStreamer
 
 TOOL_FORMATS = ("python_list", "json", "function_tag")
 IMAGE_TYPES = ("image", "image_url")
+
+# How Llama 3 replies read (Meta's decoder): every form it knows, whatever the prompt asked for.
+LLAMA3_SYNTAXES = frozenset({"python_list", "json", "function_tag", "builtin", "bare", "python_tag"})
+LLAMA3_ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+LLAMA3_ENDS = {"<|eot_id|>": "end_of_turn", "<|eom_id|>": "end_of_message", "<|end_of_text|>": None}
+JINJA_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
 
 def _tool_call_parts(call: Any, where: str) -> tuple[str, dict]:
@@ -161,29 +171,23 @@ class Llama3ChatFormat:
 
     # --- decoding ------------------------------------------------------------------------------------------
 
+    def tool_call_streamer(self, tools: list[dict] | None = None, *,
+                           stop_reason: str | None = None) -> ToolCallStreamer:
+        """A streaming reader of this format's replies: Meta's `decode_assistant_message_from_content` rules
+        (spec §6.6): spaces stripped, the assistant header dropped, <|python_tag|> opening code or a builtin
+        call, <|eot_id|> / <|eom_id|> closing the turn; calls in every form Meta's decoder reads (pythonic list,
+        JSON, <function=...>, builtins), whatever the tool_format the prompt asked for."""
+        return ToolCallStreamer(LLAMA3_SYNTAXES, tools, lead=" ", header=LLAMA3_ASSISTANT_HEADER,
+                                ends=LLAMA3_ENDS, stop_reason=stop_reason)
+
     def parse_response(self, text: str, *, tools: list[dict] | None = None,
                        stop_reason: str | None = None) -> AssistantMessage:
-        """Meta's `decode_assistant_message_from_content` rules (spec §6.6) plus `extract_tool_calls`.
+        """The reply as a message: exactly what `tool_call_streamer` gives when fed the whole text.
 
         `stop_reason` ("end_of_turn" / "end_of_message") is what the engine saw when it stopped, for text
         without its end token; a trailing <|eot_id|> / <|eom_id|> in `text` decides otherwise. `tools=None`
         accepts any function name; a list (even empty) keeps only calls to its functions."""
-        content = text.strip(" ")
-        header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        if content.startswith(header):
-            content = content[len(header):]
-        python_tag = content.startswith("<|python_tag|>")
-        if python_tag:
-            content = content[len("<|python_tag|>"):]
-        stop_reason = stop_reason or "end_of_turn"
-        if content.endswith("<|eot_id|>"):
-            content, stop_reason = content[:-len("<|eot_id|>")], "end_of_turn"
-        elif content.endswith("<|eom_id|>"):
-            content, stop_reason = content[:-len("<|eom_id|>")], "end_of_message"
-        elif content.endswith("<|end_of_text|>"):
-            content = content[:-len("<|end_of_text|>")]
-        content, calls = extract_tool_calls(content, python_tag=python_tag, tools=tools)
-        return AssistantMessage(content=content, tool_calls=calls, stop_reason=stop_reason)
+        return _parse_whole(self.tool_call_streamer(tools, stop_reason=stop_reason), text)
 
 
 # --- Hugging Face chat templates ------------------------------------------------------------------------
@@ -212,6 +216,81 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def _strftime_now(fmt):
     return _dt.datetime.now().strftime(fmt)
+
+
+class SpecialText:
+    """Special-token strings inside conversation data (`<|im_start|>` typed by a user), kept as plain text.
+
+    `protect(data)` swaps each one in every string (and key) of the data for a placeholder, a private-use
+    character around its number, picked so that the data does not contain it. `encode(rendered)` then tokenizes
+    the rendered prompt with the special tokens left in it (the template's scaffolding) as special ids, and
+    everything between them, placeholders back to their text, with special tokens off. Tokenizers cut text at
+    special tokens before anything else, so a prompt without such strings encodes exactly as a whole; an
+    added token that strips the whitespace beside it (`lstrip` / `rstrip`, e.g. Phi-3's) strips it here too.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, data: Any):
+        self.tokenizer = tokenizer
+        self.specials = dict(tokenizer.special_tokens)
+        self.strip = dict(getattr(tokenizer, "special_strip", None) or {})  # token -> (lstrip, rstrip)
+        names = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
+        self._special = re.compile(names) if names else None
+        used = set().union(*(set(s) for s in _strings(data))) if self._special else set()
+        self.mark = next(chr(c) for c in range(0xF8FF, 0xE000, -1) if chr(c) not in used)
+        mark = f"(?:{re.escape(self.mark)}|\\\\u{ord(self.mark):04x})"  # also as tojson(ensure_ascii=True) writes it
+        self._piece = re.compile(f"{mark}(\\d+){mark}" + (f"|{names}" if names else ""))
+        self.found: list[str] = []
+
+    def protect(self, data: Any) -> Any:
+        if self._special is None:
+            return data
+        if isinstance(data, str):
+            return self._special.sub(self._swap, data)
+        if isinstance(data, dict):
+            return {self.protect(k): self.protect(v) for k, v in data.items()}
+        if isinstance(data, (list, tuple)):
+            return [self.protect(v) for v in data]
+        return data
+
+    def _swap(self, m: re.Match) -> str:
+        self.found.append(m.group())
+        return f"{self.mark}{len(self.found) - 1}{self.mark}"
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        pending: list[str] = []  # text since the last special token
+        pos, strip_next = 0, False
+        for m in self._piece.finditer(text):
+            pending.append(text[pos:m.start()])
+            pos = m.end()
+            if m.group(1) is not None:  # a placeholder: its text
+                pending.append(self.found[int(m.group(1))])
+                continue
+            lstrip, rstrip = self.strip.get(m.group(), (False, False))
+            ids += self._text(pending, strip_next, lstrip)
+            ids.append(self.specials[m.group()])
+            pending, strip_next = [], rstrip
+        pending.append(text[pos:])
+        return ids + self._text(pending, strip_next, False)
+
+    def _text(self, pending: list[str], lstrip: bool, rstrip: bool) -> list[int]:
+        text = "".join(pending)
+        text = text.lstrip() if lstrip else text
+        text = text.rstrip() if rstrip else text
+        return self.tokenizer.encode(text) if text else []
+
+
+def _strings(data: Any):
+    """Every string in nested dicts / lists (keys included)."""
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(data, (list, tuple)):
+        for v in data:
+            yield from _strings(v)
 
 
 def compile_chat_template(template: str) -> jinja2.Template:
@@ -252,6 +331,7 @@ class JinjaChatFormat:
         self.extra_context = dict(extra_context or {})
         ast = self.template.environment.parse(template)
         self.template_reads_tools = "tools" in jinja2.meta.find_undeclared_variables(ast)
+        self.tool_syntaxes = template_tool_syntaxes(template, self.template_reads_tools)
 
     def _fallback_messages(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         """Rewrite tools and tool calls into plain text for a template that cannot render them."""
@@ -312,25 +392,68 @@ class JinjaChatFormat:
                     break
             else:
                 raise ValueError(f"tool_choice={tool_choice!r} needs a user message with text content")
-        text = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, allow_special=True)
+        # Message text is text: special-token strings in it are swapped for placeholders while the template
+        # renders, so that only the template's own scaffolding reaches the tokenizer as special tokens.
+        guard = SpecialText(self.tokenizer, (messages, tools, self.template_source))
+        text = self.render(guard.protect(messages), tools=guard.protect(tools),
+                           add_generation_prompt=add_generation_prompt)
+        return guard.encode(text)
+
+    def tool_call_syntax(self) -> tuple[str, str, str]:
+        """(style, prefix, suffix) for a constrained tool call (`engine.constrained.tool_call_grammar`), in a
+        syntax this format reads back."""
+        if "tool_call" in self.tool_syntaxes:
+            return "generic", "<tool_call>", "</tool_call>"
+        return ("json" if "json" in self.tool_syntaxes else "python_list"), "", ""
+
+    def tool_call_streamer(self, tools: list[dict] | None = None, *,
+                           stop_reason: str | None = None) -> ToolCallStreamer:
+        """A streaming reader of this template's replies: the end token stripped, tool calls in the syntaxes
+        the template asks for (`template_tool_syntaxes`)."""
+        ends = {e: None for e in (self.eos_token, *JINJA_END_TOKENS) if e}
+        ends.update({f"<|eom_id|>{e}": "end_of_message" for e in ends})
+        ends["<|eom_id|>"] = "end_of_message"
+        return ToolCallStreamer(self.tool_syntaxes, tools, lead=None, ends=ends, stop_reason=stop_reason)
 
     def parse_response(self, text: str, *, tools: list[dict] | None = None,
                        stop_reason: str | None = None) -> AssistantMessage:
-        """The reply as a message: end token stripped, tool calls extracted (see Llama3ChatFormat.parse_response)."""
-        content = text
-        for end in (self.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>"):
-            if end and content.rstrip().endswith(end):
-                content = content.rstrip()[:-len(end)]
-                break
-        python_tag = content.lstrip().startswith("<|python_tag|>")
-        if python_tag:
-            content = content.lstrip()[len("<|python_tag|>"):]
-        stop_reason = stop_reason or "end_of_turn"
-        if content.endswith("<|eom_id|>"):
-            content, stop_reason = content[:-len("<|eom_id|>")], "end_of_message"
-        content, calls = extract_tool_calls(content, python_tag=python_tag, tools=tools)
-        return AssistantMessage(content=content, tool_calls=calls, stop_reason=stop_reason)
+        """The reply as a message: exactly what `tool_call_streamer` gives when fed the whole text."""
+        return _parse_whole(self.tool_call_streamer(tools, stop_reason=stop_reason), text)
+
+
+def template_tool_syntaxes(template: str, reads_tools: bool) -> frozenset[str]:
+    """The tool-call syntaxes a chat template's model answers in, read from the template's own words.
+
+    A template that does not render `tools` gets our generic prompt, which asks for <tool_call> blocks
+    (<function=...> tags are read too: both are tags, cheap to wait for). One that renders them names its
+    syntax: <tool_call> (Hermes, Qwen), <function= (Llama 3.1 custom tools), "parameters" / {"name" (Llama
+    3.1 / 3.2 JSON), a pythonic [func_name(...)] list (Llama 3.2 / 3.3 / 4), <|python_tag|> (builtins).
+    A template that names none of them: every syntax. Each set holds one that a constrained call can be
+    written in (tool_call, json or python_list: `JinjaChatFormat.tool_call_syntax`)."""
+    if not reads_tools:
+        return frozenset({"tool_call", "function_tag"})
+    found = set()
+    if "<tool_call>" in template:
+        found.add("tool_call")
+    if "<function=" in template:
+        found.add("function_tag")
+    if "<tool_call>" not in template and ('"parameters"' in template or '{"name"' in template):
+        found.add("json")
+    if re.search(r"\[func_name\d*\(|\[function_name\d*\(", template):
+        found.update({"python_list", "bare"})
+    if "<|python_tag|>" in template:
+        found.update({"python_tag", "builtin"})
+    if not found:
+        return ALL_SYNTAXES
+    if not found & {"tool_call", "json", "python_list"}:
+        found.add("tool_call")
+    return frozenset(found)
+
+
+def _parse_whole(streamer: ToolCallStreamer, text: str) -> AssistantMessage:
+    streamer.push(text)
+    streamer.finish()
+    return streamer.message
 
 
 def chat_format_for(config, tokenizer: Tokenizer, chat_template: str | None = None):

@@ -7,7 +7,10 @@ Notable:
 - `token_bytes` gives the raw bytes of a token: byte-level BPE tokens are spelled in GPT-2's printable byte
   alphabet (`Ġ` = space) and are mapped back; SentencePiece tokens map `▁` to a space and `<0xAB>` to one byte.
 - `from_dir` reads bos / eos / stop ids from tokenizer_config.json, config.json and generation_config.json
-  (instruct models list several eos ids there, e.g. Llama 3's [128001, 128008, 128009]).
+  (instruct models list several eos ids there, e.g. Llama 3's [128001, 128008, 128009]). Whether raw text
+  starts with BOS (`add_bos`) is what transformers' AutoTokenizer does: tokenizer.json's post-processor
+  (Llama 3 adds <|begin_of_text|> there, with no add_bos_token in its config), except for the classes that
+  rebuild it from add_bos_token (LlamaTokenizerFast for Llama 2 / Mistral, Gemma, ...).
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ class HFTokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.stop_ids = frozenset(stop_ids or ()) | {eos_id}
-        self.special_tokens: dict[str, int] = {
-            t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
+        added = sorted(tokenizer.get_added_tokens_decoder().items())
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in added if t.special}
+        # special tokens that swallow the whitespace beside them when matched in text (chat.SpecialText)
+        self.special_strip: dict[str, tuple[bool, bool]] = {
+            t.content: (t.lstrip, t.rstrip) for _, t in added if t.special and (t.lstrip or t.rstrip)}
         self.bos_token = bos_token if bos_token is not None else (
             tokenizer.id_to_token(bos_id) if bos_id is not None else None)
         self.eos_token = eos_token if eos_token is not None else tokenizer.id_to_token(eos_id)
@@ -127,8 +133,18 @@ class HFTokenizer:
         jinja_file = directory / "chat_template.jinja"
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
+        lead = _leading_special_ids(tokenizer)
+        if bos_id is None and len(lead) == 1:  # no bos_token named, but the post-processor adds one
+            bos_id = lead[0]
+        tok_class = tok_config.get("tokenizer_class") or model_config.get("tokenizer_class") or \
+            _MODEL_TYPE_TOKENIZER.get(model_config.get("model_type"))
+        tok_class = tok_class.removesuffix("Fast") if isinstance(tok_class, str) else None
+        if tok_class in _BOS_FROM_CONFIG:  # transformers rebuilds the post-processor from add_bos_token
+            add_bos = bool(tok_config.get("add_bos_token", _BOS_FROM_CONFIG[tok_class])) and bos_id is not None
+        else:  # the post-processor of tokenizer.json decides, as in PreTrainedTokenizerFast
+            add_bos = bos_id is not None and lead == [bos_id]
         return cls(tokenizer, bos_id=bos_id, eos_id=eos_id, stop_ids=sorted(stop_ids), chat_template=template,
-                   add_bos=bool(tok_config.get("add_bos_token", False)))
+                   add_bos=add_bos)
 
     # --- the Tokenizer protocol ----------------------------------------------------------------------------
 
@@ -181,6 +197,27 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+# transformers' tokenizer classes that ignore tokenizer.json's post-processor and build one from
+# tokenizer_config.json's add_bos_token (default here) / add_eos_token; and the class a model type gets when
+# tokenizer_config.json names none. Every other class (PreTrainedTokenizerFast: Llama 3, Qwen, SmolLM2, ...)
+# keeps the post-processor of tokenizer.json.
+_BOS_FROM_CONFIG = {"LlamaTokenizer": True, "CodeLlamaTokenizer": True, "GemmaTokenizer": True,
+                    "CohereTokenizer": True, "GPTNeoXTokenizer": False}
+_MODEL_TYPE_TOKENIZER = {"llama": "LlamaTokenizer", "mistral": "LlamaTokenizer", "mixtral": "LlamaTokenizer",
+                         "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer", "cohere": "CohereTokenizer",
+                         "gpt_neox": "GPTNeoXTokenizer"}
+
+
+def _leading_special_ids(tokenizer: tokenizers.Tokenizer) -> list[int]:
+    """The ids the tokenizer's post-processor puts before a text (Llama 3's TemplateProcessing: [128000])."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i]
+    return []
 
 
 def _read_json(path: Path) -> dict:

@@ -7,20 +7,25 @@ Writing (assistant history): Meta's `ToolUtils.encode_tool_call` forms (spec §6
     function_tag <function=f>{...}</function>
     python_list  [f(a="x", n=1)]                                               (Llama 3.2 1B/3B, 3.3)
 
-Reading (`extract_tool_calls`): Meta's `decode_assistant_message_from_content` (spec §6.6) made robust. The
-forms tried, first match wins:
-    1. <tool_call>{"name": ..., "arguments": ...}</tool_call>   (Hermes / Qwen / our generic Jinja fallback)
-    2. <function=f>{json}</function>                            (anywhere in the text, every occurrence)
-    3. JSON at the start: one object, a list of objects, or several objects separated by ";" / ","; each
-       with "name" and "parameters" or "arguments" (OpenAI {"function": {...}} nesting accepted)
-    4. a pythonic list at the start: [f(a=1), g(b="x")]        (EVERY call, not only the first as in Meta)
-    5. builtin x.call(query="...") anywhere
-    6. <|python_tag|> with none of the above: code_interpreter {"code": text}
-    7. a bare call f(a=1) without the list brackets, only when f is one of the declared `tools`
-Text around a recognised call is kept as the message content (Meta empties it). Anything malformed (unclosed
-list, bad JSON, positional arguments, prose that merely contains brackets) is plain content: parsing never
-raises. With `tools` given, calls to functions not in `tools` are dropped, and if none is left the whole
-text is the content.
+Reading: `ToolCallScanner` reads a reply left to right and cuts it into text and calls. Each chat format
+enables the syntaxes its models write (`SYNTAXES`); `extract_tool_calls` enables them all:
+    tool_call     <tool_call>{"name": ..., "arguments": ...}</tool_call> anywhere (closing tag optional at the
+                  end; Hermes / Qwen / our generic Jinja fallback)
+    function_tag  <function=f>{json}</function> anywhere (closing tag optional)
+    json          JSON at the start: one object, a list of objects, or several objects separated by ";" / ",";
+                  each with "name" and "parameters" or "arguments" (OpenAI {"function": {...}} nesting accepted)
+    python_list   a pythonic list at the start: [f(a=1), g(b="x")] (EVERY call, not only the first as in Meta),
+                  several lists on separate lines
+    builtin       x.call(query="...") anywhere: keyword arguments for the known builtins, Meta's exact
+                  `name.call(query="...")` form for other names (so code like `api.call(x=1)` stays code)
+    bare          f(a=1) at the start without the list brackets, only when f is one of the declared `tools`
+    python_tag    <|python_tag|> opening the reply: the forms above, else code_interpreter {"code": text}
+                  (the chat format strips the tag and calls `python_tag_calls`)
+Every decision is local: a piece is a call or text whatever follows it, so a streamed reply can be cut as it
+arrives (`tool_stream.ToolCallStreamer`) and gives what the whole text gives. Anything malformed (unclosed
+list, bad JSON, positional arguments, prose that merely contains brackets) is text: parsing never raises.
+With `tools` given, calls to functions not in `tools` are text too (a list keeps its declared calls).
+Text around the calls is kept as the message content (Meta empties it).
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from corral.tokenizer.base import ToolCall
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
 
-_FUNCTION_TAG = re.compile(r"<function=(?P<name>[^>}\s]+)>")
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(?P<body>.*?)(?:</tool_call>|$)", re.DOTALL)
-_BUILTIN_CALL = re.compile(r"\b(?P<name>\w+)\.call\(")
-_META_BUILTIN_CALL = re.compile(r'\b(?P<name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
-_BARE_CALL = re.compile(r"(?P<name>[A-Za-z_]\w*)\(")
+SYNTAXES = ("tool_call", "function_tag", "json", "python_list", "builtin", "bare", "python_tag")
+ALL_SYNTAXES = frozenset(SYNTAXES)
+
+_NAME_END = re.compile(r"[>}\s]")  # a <function=NAME> name runs to the first of these
+_WORD = re.compile(r"\w+")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_PAIRS = {"[": "]", "(": ")", "{": "}"}
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 
 
@@ -115,31 +122,49 @@ def parse_python_list(text: str) -> list[tuple[str, dict]]:
     return calls
 
 
-# --- reading --------------------------------------------------------------------------------------------
+# --- reading: the pieces --------------------------------------------------------------------------------
 
-def _matching_close(text: str, start: int) -> int | None:
-    """Index just past the bracket closing text[start] ('[', '(' or '{'), skipping string literals."""
-    pairs = {"[": "]", "(": ")", "{": "}"}
-    stack = [pairs[text[start]]]
-    i, quote = start + 1, None
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in pairs:
-            stack.append(pairs[ch])
-        elif ch in ")]}":
-            if ch != stack.pop():
-                return None
-            if not stack:
-                return i + 1
-        i += 1
-    return None
+Calls = list[tuple[str, dict]]
+
+
+class _Brackets:
+    """The bracket closing text[start] ('[', '(' or '{'), string literals skipped, searched incrementally:
+    each `close` resumes where the last one stopped, so a span that arrives piece by piece is read once."""
+
+    def __init__(self, opener: str):
+        self.stack = [_PAIRS[opener]]
+        self.quote: str | None = None
+        self.pos = 1  # next character to read, relative to the opener
+        self.end: int | None = None  # once found: past the closing bracket (relative), or -1
+
+    def close(self, text: str, start: int) -> int | None:
+        """Index just past the closing bracket; None while `text` does not hold it yet; -1 on a mismatch."""
+        if self.end is not None:
+            return self.end if self.end < 0 else start + self.end
+        i = start + self.pos
+        while i < len(text):
+            ch = text[i]
+            if self.quote:
+                if ch == "\\":
+                    if i + 1 == len(text):
+                        break  # read the escape with the character it escapes
+                    i += 1
+                elif ch == self.quote:
+                    self.quote = None
+            elif ch in "\"'":
+                self.quote = ch
+            elif ch in _PAIRS:
+                self.stack.append(_PAIRS[ch])
+            elif ch in ")]}":
+                if ch != self.stack.pop():
+                    self.end = -1
+                    return -1
+                if not self.stack:
+                    self.end = i + 1 - start
+                    return i + 1
+            i += 1
+        self.pos = i - start
+        return None
 
 
 def _call_from_json(obj: Any) -> tuple[str, dict] | None:
@@ -162,72 +187,82 @@ def _call_from_json(obj: Any) -> tuple[str, dict] | None:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
     if args is None:
         args = {}
     return (name, args) if isinstance(args, dict) else None
 
 
-def _calls_from_json_value(value: Any) -> list[tuple[str, dict]] | None:
+def _calls_from_json_value(value: Any) -> Calls | None:
     items = value if isinstance(value, list) else [value]
     calls = [_call_from_json(v) for v in items]
     return calls if calls and all(calls) else None
 
 
-def _json_prefix_calls(text: str) -> tuple[list[tuple[str, dict]], str] | None:
-    """JSON call objects at the start of `text` (separated by whitespace, ';' or ','), and the rest."""
-    decoder = json.JSONDecoder()
-    calls: list[tuple[str, dict]] = []
-    pos = 0
-    while True:
-        while pos < len(text) and (text[pos].isspace() or (calls and text[pos] in ";,")):
-            pos += 1
-        if pos >= len(text) or text[pos] not in "{[":
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break
-        found = _calls_from_json_value(value)
-        if found is None:
-            break
-        calls.extend(found)
-        pos = end
-    return (calls, text[pos:]) if calls else None
-
-
-def _python_list_prefix_calls(text: str) -> tuple[list[tuple[str, dict]], str] | None:
-    """Pythonic call lists at the start of `text` (one, or several on separate lines), and the rest."""
-    calls: list[tuple[str, dict]] = []
-    rest = text
-    while rest.startswith("["):
-        end = _matching_close(rest, 0)
-        if end is None:
-            break
-        try:
-            calls += parse_python_list(rest[:end])
-        except (ValueError, SyntaxError, TypeError):
-            break
-        rest = rest[end:].lstrip()
-    return (calls, rest) if calls else None
-
-
-def _kwargs_call(text: str, open_paren: int) -> tuple[dict, int] | None:
-    """Keyword arguments of the call whose '(' is at text[open_paren], and the index after ')'."""
-    end = _matching_close(text, open_paren)
-    if end is None:
-        return None
+def _json_calls(text: str) -> Calls | None:
     try:
-        node = ast.parse(f"f{text[open_paren:end]}", mode="eval").body
+        return _calls_from_json_value(json.loads(text))
+    except (ValueError, RecursionError):  # absurdly nested brackets are not a call either
+        return None
+
+
+def _python_list_calls(text: str) -> Calls | None:
+    try:
+        return parse_python_list(text)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+        return None
+
+
+def _kwargs(text: str) -> dict | None:
+    """The keyword arguments of `(a=1, b="x")` (text from the '(' to the ')'), None if it is not that."""
+    try:
+        node = ast.parse(f"f{text}", mode="eval").body
         if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
             return None
-        return {k.arg: _literal(k.value) for k in node.keywords}, end
-    except (ValueError, SyntaxError, TypeError):
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return None
 
 
-def _normalize_builtin(name: str, args: dict) -> dict:
+def _function_args(text: str) -> dict | None:
+    """The {json} after <function=f>; Meta's fallback reads single quotes as JSON quotes."""
+    for candidate in (text, text.replace("'", '"')):
+        try:
+            args = json.loads(candidate)
+        except (ValueError, RecursionError):
+            continue
+        return args if isinstance(args, dict) else None
+    return None
+
+
+def _tool_call_body(body: str) -> Calls | None:
+    body = body.strip()
+    return _json_calls(body) or _python_list_calls(body)
+
+
+def _list_head(text: str, json_on: bool, python_on: bool) -> bool | None:
+    """Whether text (starting with '[' or '{') can still open a call: `{"`, `[{`, `[name(`. None: too short."""
+    i = 1
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i == len(text):
+        return None
+    ch = text[i]
+    if text[0] == "{":
+        return json_on and ch == '"'
+    if ch == "{":
+        return json_on
+    if not python_on or not (ch == "_" or ch.isalpha()):
+        return False
+    m = _WORD.match(text, i)
+    j = m.end()
+    while j < len(text) and text[j].isspace():
+        j += 1
+    return None if j == len(text) else text[j] == "("
+
+
+def normalize_builtin(name: str, args: dict) -> dict:
     """Meta maps a builtin called in a custom format to {"query": first value}; code_interpreter to {"code"}."""
     if name in ("brave_search", "wolfram_alpha", "photogen") and "query" not in args and args:
         return {"query": next(iter(args.values()))}
@@ -251,109 +286,223 @@ def tool_names(tools: list[dict] | None) -> set[str] | None:
     return names
 
 
-def _find_calls(content: str, python_tag: bool) -> tuple[list[tuple[str, dict]], str]:
-    stripped = content.strip()
+# --- reading: the scanner -------------------------------------------------------------------------------
 
-    # 1. <tool_call>...</tool_call> blocks (closing tag optional on the last one)
-    blocks = list(_TOOL_CALL_BLOCK.finditer(content))
-    if blocks:
-        calls = []
-        for m in blocks:
-            body = m.group("body").strip()
-            try:
-                found = _calls_from_json_value(json.loads(body))
-            except json.JSONDecodeError:
-                found = None
-            if found is None:
-                pl = _python_list_prefix_calls(body)
-                found = pl[0] if pl and not pl[1].strip() else None
-            if found is None:
+class ToolCallScanner:
+    """A reply read left to right, cut into ("text", str) and ("calls", [(name, args), ...]) pieces.
+
+    `push(text)` returns the pieces decided so far; a piece is decided once no continuation can change it
+    (an unclosed bracket, a partial `<function=` tag or a word that may go on into `.call(` wait for more).
+    `finish()` decides the rest. The pieces do not depend on how the text was cut into pushes.
+    """
+
+    def __init__(self, syntaxes=ALL_SYNTAXES, tools: list[dict] | None = None):
+        self.allowed = tool_names(tools)
+        on = frozenset(syntaxes) if self.allowed != set() else frozenset()  # tools=[]: nothing is a call
+        self.tool_call, self.function_tag = "tool_call" in on, "function_tag" in on
+        self.json, self.python_list = "json" in on, "python_list" in on
+        self.builtin, self.bare = "builtin" in on, "bare" in on and bool(self.allowed)
+        # where, past the first character, a call could begin
+        starts = (["<"] if self.tool_call or self.function_tag else []) + ([r"\b\w"] if self.builtin else [])
+        self._candidate = re.compile("|".join(starts)) if starts else None
+        self.buf = ""
+        self.prev = ""  # the character before buf (builtin calls start at a word boundary)
+        self.start = True  # nothing but whitespace and calls so far: JSON, lists and bare calls may come
+        self.after_call = False  # a call at the start just ended: ';' and ',' before the next are dropped
+        self._base = 0  # offset of buf in the whole text
+        self._span: tuple[int, _Brackets] | None = None  # the bracket span being matched (offset, state)
+
+    def push(self, text: str) -> list[tuple]:
+        self.buf += text
+        return self._run(final=False)
+
+    def finish(self) -> list[tuple]:
+        return self._run(final=True)
+
+    # --- the loop: one decision at the head of buf at a time ----------------------------------------------
+
+    def _run(self, final: bool) -> list[tuple]:
+        out: list[tuple] = []
+        while self.buf:
+            step = self._step(final)
+            if step is None:  # wait for more text (never when final)
                 break
-            calls.extend(found)
-        else:
-            return calls, _TOOL_CALL_BLOCK.sub("", content)
+            n, piece = step
+            if piece is not None:
+                if piece[0] == "text" and out and out[-1][0] == "text":
+                    out[-1] = ("text", out[-1][1] + piece[1])
+                else:
+                    out.append(piece)
+            self.prev = self.buf[n - 1]
+            self.buf = self.buf[n:]
+            self._base += n
+        return out
 
-    # 2. <function=name>{json}</function>, every occurrence
-    calls, rest, pos = [], [], 0
-    for m in _FUNCTION_TAG.finditer(content):
-        if m.start() < pos:
-            continue
-        brace = m.end()
-        while brace < len(content) and content[brace].isspace():
-            brace += 1
-        args = None
-        if brace < len(content) and content[brace] == "{":
-            try:
-                args, end = json.JSONDecoder().raw_decode(content, brace)
-            except json.JSONDecodeError:
-                close = _matching_close(content, brace)  # Meta's fallback: single quotes as JSON quotes
-                if close is not None:
-                    try:
-                        args, end = json.loads(content[brace:close].replace("'", '"')), close
-                    except json.JSONDecodeError:
-                        args = None
-        if not isinstance(args, dict):
-            continue
-        if content.startswith("</function>", end):
-            end += len("</function>")
-        calls.append((m.group("name"), args))
-        rest.append(content[pos:m.start()])
-        pos = end
-    if calls:
-        rest.append(content[pos:])
-        return calls, "".join(rest)
+    def _step(self, final: bool):
+        if self.start:
+            step = self._at_start(final)
+            if step is not False:
+                return step
+            self.start = False
+        buf = self.buf
+        if buf[0] == "<" and (self.tool_call or self.function_tag):
+            step = self._tag(final)
+            return (1, ("text", "<")) if step is False else step
+        if self.builtin and _WORD.match(buf) and not _WORD.match(self.prev):
+            step = self._builtin(final)
+            if step is not False:
+                return step
+            word = _WORD.match(buf).group()
+            return len(word), ("text", word)
+        m = self._candidate.search(buf, 1) if self._candidate else None
+        n = m.start() if m else len(buf)
+        return n, ("text", buf[:n])
 
-    # 3. JSON objects at the start, 4. a pythonic list at the start
-    for parse in (_json_prefix_calls, _python_list_prefix_calls):
-        found = parse(stripped)
-        if found:
-            return found
+    def _close(self, at: int) -> int | None:
+        """_Brackets.close for the span opening at buf[at], resumed across pushes."""
+        if self._span is None or self._span[0] != self._base + at:
+            self._span = (self._base + at, _Brackets(self.buf[at]))
+        return self._span[1].close(self.buf, at)
 
-    # 5. builtin x.call(query="...") anywhere: any keyword arguments for the known builtins, Meta's exact
-    #    `name.call(query="...")` form for other names (so code like `api.call(x=1)` stays code)
-    for m in _BUILTIN_CALL.finditer(content):
-        if m.group("name") not in BUILTIN_TOOLS:
-            continue
-        parsed = _kwargs_call(content, m.end() - 1)
-        if parsed is not None:
-            args, end = parsed
-            return [(m.group("name"), args)], content[:m.start()] + content[end:]
-    m = _META_BUILTIN_CALL.search(content)
-    if m:
-        return [(m.group("name"), {"query": m.group("query")})], content[:m.start()] + content[m.end():]
+    def _allowed(self, calls: Calls | None) -> Calls:
+        if not calls:
+            return []
+        return calls if self.allowed is None else [c for c in calls if c[0] in self.allowed]
 
-    # 6. <|python_tag|> + code
-    if python_tag and stripped:
-        return [("code_interpreter", {"code": content})], ""
-    return [], content
+    # --- the syntaxes: each returns (consumed, piece), None (wait) or False (not here) -----------------------
+
+    def _at_start(self, final: bool):
+        buf = self.buf
+        ch = buf[0]
+        if ch.isspace():
+            n = len(buf) - len(buf.lstrip())
+            return n, ("text", buf[:n])
+        if self.after_call and ch in ";,":
+            return 1, None
+        if ch in "[{" and (self.json or self.python_list):
+            head = _list_head(buf, self.json, self.python_list)
+            if head is None and not final:
+                return None
+            if head:
+                end = self._close(0)
+                if end is None and not final:
+                    return None
+                if end is not None and end > 0:
+                    span = buf[:end]
+                    calls = (_json_calls(span) if self.json else None) or \
+                        (_python_list_calls(span) if self.python_list and ch == "[" else None)
+                    if calls := self._allowed(calls):
+                        self.after_call = True
+                        return end, ("calls", calls)
+        if self.bare and not self.after_call and (m := _IDENTIFIER.match(buf)):
+            name = m.group()
+            if m.end() == len(buf) and not final:
+                return None if any(a.startswith(name) for a in self.allowed) else False
+            if name in self.allowed and buf.startswith("(", m.end()):
+                end = self._close(m.end())
+                if end is None and not final:
+                    return None
+                if end is not None and end > 0 and (args := _kwargs(buf[m.end():end])) is not None:
+                    self.after_call = True
+                    return end, ("calls", [(name, args)])
+        return False
+
+    def _tag(self, final: bool):
+        buf = self.buf
+        if self.tool_call:
+            if buf.startswith("<tool_call>"):
+                close = buf.find("</tool_call>", len("<tool_call>"))
+                if close < 0 and not final:
+                    return None
+                body_end, end = (close, close + len("</tool_call>")) if close >= 0 else (len(buf), len(buf))
+                if calls := self._allowed(_tool_call_body(buf[len("<tool_call>"):body_end])):
+                    return end, ("calls", calls)
+                return len("<tool_call>"), ("text", "<tool_call>")  # not a call: read on inside it
+            if not final and "<tool_call>".startswith(buf):
+                return None
+        if self.function_tag:
+            if buf.startswith("<function="):
+                m = _NAME_END.search(buf, len("<function="))
+                if m is None:
+                    return False if final else None
+                if buf[m.start()] != ">" or m.start() == len("<function="):
+                    return False
+                name, after = buf[len("<function="):m.start()], m.end()
+                brace = after
+                while brace < len(buf) and buf[brace].isspace():
+                    brace += 1
+                if brace == len(buf) and not final:
+                    return None
+                if brace < len(buf) and buf[brace] == "{":
+                    end = self._close(brace)
+                    if end is None and not final:
+                        return None
+                    if end is not None and end > 0 and (args := _function_args(buf[brace:end])) is not None:
+                        rest = buf[end:len(buf)]
+                        if not final and len(rest) < len("</function>") and "</function>".startswith(rest):
+                            return None
+                        if rest.startswith("</function>"):
+                            end += len("</function>")
+                        if calls := self._allowed([(name, args)]):
+                            return end, ("calls", calls)
+                return after, ("text", buf[:after])  # the tag is text; read on after it
+            if not final and "<function=".startswith(buf):
+                return None
+        return False
+
+    def _builtin(self, final: bool):
+        buf = self.buf
+        name = _WORD.match(buf).group()
+        if len(name) == len(buf) and not final:  # the word may go on
+            return None if self.allowed is None or any(a.startswith(name) for a in self.allowed) else False
+        if self.allowed is not None and name not in self.allowed:
+            return False
+        open_at = len(name) + len(".call")
+        if not buf.startswith(".call(", len(name)):
+            return None if not final and ".call(".startswith(buf[len(name):]) else False
+        if name in BUILTIN_TOOLS:  # any keyword arguments
+            end = self._close(open_at)
+            if end is None and not final:
+                return None
+            if end is not None and end > 0 and (args := _kwargs(buf[open_at:end])) is not None:
+                return end, ("calls", [(name, args)])
+            return False
+        # other names: Meta's exact name.call(query="...")
+        q = open_at + 1 + len('query="')
+        if not buf.startswith('query="', open_at + 1):
+            return None if not final and 'query="'.startswith(buf[open_at + 1:]) else False
+        close = buf.find('"', q)
+        if close < 0 or close + 1 == len(buf):
+            return False if final else None
+        if buf[close + 1] != ")":
+            return False
+        return close + 2, ("calls", [(name, {"query": buf[q:close]})])
+
+
+def scan_tool_calls(text: str, syntaxes=ALL_SYNTAXES, tools: list[dict] | None = None) -> list[tuple]:
+    """All the pieces of a whole reply."""
+    scanner = ToolCallScanner(syntaxes, tools)
+    return scanner.push(text) + scanner.finish()
+
+
+def python_tag_calls(text: str, syntaxes=ALL_SYNTAXES, tools: list[dict] | None = None) -> list[tuple]:
+    """The pieces of what follows <|python_tag|>: the calls it holds, else code for code_interpreter."""
+    pieces = scan_tool_calls(text, syntaxes, tools)
+    if any(kind == "calls" for kind, _ in pieces):
+        return pieces
+    allowed = tool_names(tools)
+    if text.strip() and (allowed is None or "code_interpreter" in allowed):
+        return [("calls", [("code_interpreter", {"code": text})])]
+    return [("text", text)] if text else []
 
 
 def extract_tool_calls(content: str, *, python_tag: bool = False,
                        tools: list[dict] | None = None) -> tuple[str, list[ToolCall]]:
-    """(remaining text, tool calls) found in a model's reply (header and end tokens already removed)."""
-    try:
-        found, rest = _find_calls(content, python_tag)
-    except RecursionError:  # absurdly nested brackets: not a tool call
-        found, rest = [], content
-    allowed = tool_names(tools)
-    if allowed is not None:
-        found = [c for c in found if c[0] in allowed]
-    if not found:
-        bare = _bare_call(content, allowed)
-        if bare is None:
-            return content, []
-        found, rest = bare
-    return rest.strip(), [ToolCall(name=name, arguments=_normalize_builtin(name, args)) for name, args in found]
-
-
-def _bare_call(content: str, allowed: set[str] | None) -> tuple[list[tuple[str, dict]], str] | None:
-    """`f(a=1)` without list brackets, accepted only when `f` is a declared tool (models sometimes drop the [])."""
-    stripped = content.strip()
-    m = _BARE_CALL.match(stripped)
-    if not allowed or not m or m.group("name") not in allowed:
-        return None
-    parsed = _kwargs_call(stripped, m.end() - 1)
-    if parsed is None:
-        return None
-    args, end = parsed
-    return [(m.group("name"), args)], stripped[end:]
+    """(remaining text, tool calls) found in a model's reply (header and end tokens already removed), every
+    syntax enabled. Without calls the text comes back unchanged; with calls, stripped of outer whitespace."""
+    pieces = (python_tag_calls if python_tag else scan_tool_calls)(content, ALL_SYNTAXES, tools)
+    calls = [ToolCall(name=name, arguments=normalize_builtin(name, args))
+             for kind, value in pieces if kind == "calls" for name, args in value]
+    if not calls:
+        return content, []
+    return "".join(value for kind, value in pieces if kind == "text").strip(), calls

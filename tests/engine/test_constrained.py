@@ -102,6 +102,56 @@ def test_tool_call_grammar_parses_in_the_model_format(llama3_tok, style, prefix,
     assert seen  # at least one call parsed
 
 
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string", "maxLength": 8},
+                                     "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+                                     "exact": {"type": "boolean"}},
+    "required": ["query"]}}}
+ALL_OPTIONAL = {"type": "function", "function": {"name": "ping", "parameters": {  # no `required`: all optional
+    "type": "object", "properties": {"host": {"type": "string", "maxLength": 8},
+                                     "count": {"type": "integer", "minimum": 1, "maximum": 9}}}}}
+
+
+def accepts(grammar: str, tokenizer, text: str) -> bool:
+    """Whether `text` is a complete sentence of the grammar (fed as the tokenizer's own tokens)."""
+    from corral.engine.constrained import compile_grammar
+
+    matcher = compile_grammar(grammar, tokenizer)
+    return bool(matcher.consume_tokens(tokenizer.encode(text))) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("style, prefix, suffix, calls", [
+    ("python_list", "", "", {
+        '[search(query="a")]': True, '[search(query="a", limit=3)]': True, '[search(query="a", exact=False)]': True,
+        '[search(query="a", limit=3, exact=True)]': True, '[search(limit=3)]': False, '[search()]': False,
+        '[search(query="a", limit=3, query="b")]': False, '[search(query="a", colour=1)]': False,
+        '[ping()]': True, '[ping(count=2)]': True, '[ping(host="h", count=2)]': True, '[ping(host="h")]': True}),
+    ("json", "", "", {
+        '{"name":"search","parameters":{"query":"a"}}': True,
+        '{"name":"search","parameters":{"query":"a","limit":3}}': True,
+        '{"name":"search","parameters":{"query":"a","limit":3,"exact":true}}': True,
+        '{"name":"search","parameters":{"limit":3}}': False,
+        '{"name":"ping","parameters":{}}': True, '{"name":"ping","parameters":{"count":2}}': True}),
+    ("generic", "<tool_call>", "</tool_call>", {
+        '<tool_call>{"name":"search","arguments":{"query":"a"}}</tool_call>': True,
+        '<tool_call>{"name":"search","arguments":{"query":"a","exact":false}}</tool_call>': True,
+        '<tool_call>{"name":"search","arguments":{}}</tool_call>': False,
+        '<tool_call>{"name":"ping","arguments":{}}</tool_call>': True,
+        '<tool_call>{"name":"ping","arguments":{"host":"h","count":2}}</tool_call>': True}),
+])
+def test_optional_arguments_may_be_given_or_left_out(llama3_tok, style, prefix, suffix, calls):
+    """Properties not in `required` (all of them when there is no `required`) are optional, in every style."""
+    grammar = tool_call_grammar([SEARCH, ALL_OPTIONAL], style, prefix=prefix, suffix=suffix)
+    assert {text: accepts(grammar, llama3_tok, text) for text in calls} == calls
+    for seed in range(4):  # whatever is generated is one call with the required arguments and known ones only
+        text, stopped = run(GrammarLogitsProcessor(grammar, llama3_tok), llama3_tok, seed)
+        rest, parsed = extract_tool_calls(text, tools=[SEARCH, ALL_OPTIONAL])
+        assert stopped and rest == "" and len(parsed) == 1, text
+        props = (SEARCH if parsed[0].name == "search" else ALL_OPTIONAL)["function"]["parameters"]["properties"]
+        assert set(parsed[0].arguments) <= set(props), text
+        assert parsed[0].name == "ping" or "query" in parsed[0].arguments, text
+
+
 def test_optional_call_allows_text_that_cannot_be_read_as_a_call(llama3_tok):
     """tool_choice auto with strict tools: free text, or a call that follows the schema."""
     grammar = tool_call_grammar([WEATHER, NOARGS], "generic", prefix="<tool_call>", suffix="</tool_call>",

@@ -123,6 +123,11 @@ def test_logprobs_top_k_sorted_and_normalised():
     ("seed", "x", "seed must be an integer"),
     ("temperature", float("nan"), "temperature must be a number"),
     ("stop", [""], "stop must be a list of non-empty strings"),
+    ("temperature", 2.5, "temperature must be <= 2, got 2.5"),
+    ("temperature", float("inf"), "temperature must be <= 2"),
+    ("top_k", 1.5, "top_k must be an integer"),
+    ("seed", 2**64, "seed must be <= 18446744073709551615"),
+    ("logprobs", True, "logprobs must be an integer"),
 ])
 def test_invalid_values_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
@@ -144,3 +149,21 @@ def test_filters_keep_the_same_tokens_as_transformers(seed):
                          (apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(ids, logits.clone())),
                          (apply_min_p(logits, 0.05), MinPLogitsWarper(0.05)(ids, logits.clone()))):
         assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+
+
+def test_cli_sampling_options_show_the_declared_ranges():
+    """corral.limits is the one declaration: the CLI's help quotes it and its values go through validate()."""
+    import argparse
+
+    from corral import limits
+    from corral.cli.common import add_sampling_arguments, sampling_params
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, max_tokens=16)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert limits.TEMPERATURE.text == "0..2" and limits.TEMPERATURE.text in helps["temperature"]
+    assert limits.TOP_P.text == "(0, 1]" and limits.TOP_P.text in helps["top_p"]
+    assert limits.FREQUENCY_PENALTY.text in helps["frequency_penalty"] and limits.MIN_P.text in helps["min_p"]
+    assert sampling_params(parser.parse_args(["--temperature", "2"])).temperature == 2
+    with pytest.raises(ValueError, match="temperature must be <= 2"):
+        sampling_params(parser.parse_args(["--temperature", "2.5"]))

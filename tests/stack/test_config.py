@@ -30,6 +30,9 @@ def test_default_config_serves_the_default_model(tmp_path, monkeypatch):
     assert load_run_config(write(tmp_path, {"port": 9000}), port=9100).port == 9100  # CLI overrides win
 
 
+INLINE = {"providers": [{"provider_id": "p", "provider_type": "inline::corral"}]}
+
+
 @pytest.mark.parametrize("data, key", [
     ({"prot": 8000}, "prot: unknown key"),
     ({"port": "eighty"}, "port:"),
@@ -51,12 +54,43 @@ def test_default_config_serves_the_default_model(tmp_path, monkeypatch):
     ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}],
       "models": [{"model_id": "m", "provider_id": "p"}, {"model_id": "m", "provider_id": "p"}]}, "appears twice"),
     ({"providers": [{"provider_id": "p", "provider_type": "inline::corral"}]}, "models: no models"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_tokens": 0}]}, "models[0].max_tokens"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_tokens": "lots"}]}, "models[0].max_tokens"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "context_length": 8}]}, "models[0].context_length"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "kv_cache_mb": 0}]}, "models[0].kv_cache_mb"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_num_seqs": 0}]}, "models[0].max_num_seqs"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_batch_tokens": -1}]},
+     "models[0].max_batch_tokens"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_num_seqs": 64, "max_batch_tokens": 32}]},
+     "max_batch_tokens (32) must be at least max_num_seqs (64)"),
+    (INLINE | {"models": [{"model_id": "m", "provider_id": "p", "max_num_seqs": 1.5}]}, "models[0].max_num_seqs"),
+    ({"providers": [{"provider_id": "r", "provider_type": "remote::openai-compatible",
+                     "config": {"base_url": "http://gpu:8000/v1"}}],
+      "models": [{"model_id": "m", "provider_id": "r", "kv_cache_mb": 512}]}, "models[0].kv_cache_mb: only inline"),
+    ({"models": [{"model_id": "e", "provider_id": "st", "model_type": "embedding", "max_tokens": 10}],
+      "providers": [{"provider_id": "st", "provider_type": "inline::sentence-transformers"}]},
+     "models[0].max_tokens: only inline"),
 ])
 def test_bad_config_names_the_key(tmp_path, data, key):
     path = write(tmp_path, data)
     with pytest.raises(ConfigError) as e:
         load_run_config(path)
     assert str(e.value).startswith(path) and key in str(e.value)
+
+
+def test_per_model_serving_limits(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    m = load_run_config(None).models[0]  # the defaults
+    assert (m.max_tokens, m.context_length, m.kv_cache_mb, m.max_num_seqs, m.max_batch_tokens) == (4096, None, None,
+                                                                                                  32, 512)
+    cfg = load_run_config(write(tmp_path, INLINE | {"models": [
+        {"model_id": "m", "provider_id": "p", "max_tokens": 256, "context_length": 2048, "kv_cache_mb": 1024,
+         "max_num_seqs": 4, "max_batch_tokens": 128},
+        {"model_id": "n", "provider_id": "p", "max_tokens": None}]}))  # null: no cap but the context
+    m, n = cfg.models
+    assert (m.max_tokens, m.context_length, m.kv_cache_mb, m.max_num_seqs, m.max_batch_tokens) == (256, 2048, 1024,
+                                                                                                  4, 128)
+    assert n.max_tokens is None and n.max_num_seqs == 32
 
 
 def test_unreadable_files(tmp_path):

@@ -18,8 +18,7 @@ from corral.stack.api import APIError, ChatCompletionRequest
 from corral.stack.config import ModelEntry
 from corral.stack.providers.inline import ModelWorker, _ChatJob
 from corral.stack.server import _ChatAccumulator
-from corral.tokenizer.base import AssistantMessage
-from corral.tokenizer.tool_calls import extract_tool_calls
+from corral.tokenizer.tool_stream import ToolCallStreamer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -34,6 +33,13 @@ class FakeChunk:
     completion: None = None
 
 
+class FakeFormat:
+    """A ChatML-like format whose replies call tools as `<tool_call>{json}</tool_call>` (the real streamer)."""
+
+    def tool_call_streamer(self, tools=None):
+        return ToolCallStreamer({"tool_call", "function_tag"}, tools, ends={"<|im_end|>": None})
+
+
 @dataclass
 class FakeLLM:
     """Streams a scripted reply in the given pieces; counts what was generated."""
@@ -44,22 +50,16 @@ class FakeLLM:
     config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(chat_format="jinja", family="llama",
                                                                             tool_format="json"))
     generated: int = 0
+    supports_images: bool = False
+    chat_format: FakeFormat = field(default_factory=FakeFormat)
 
-    @property
-    def chat_format(self):
-        llm = self
+    def encode_chat(self, messages, tools=None, tool_choice=None):
+        return [1] * (3 + 10 * len(tools or []))
 
-        class Format:
-            def encode_dialog(self, messages, tools=None, tool_choice=None):
-                return [1] * (3 + 10 * len(tools or []))
+    def submit(self, ids, params, processor=None, *, images=None, leader=None, prompt_logprobs=None):
+        return SimpleNamespace(close=lambda: None)
 
-            def parse_response(self, text, tools=None):
-                content, calls = extract_tool_calls(text, tools=tools)
-                return AssistantMessage(content, calls)
-
-        return Format()
-
-    def generate(self, ids, params, *, stream, add_bos, logits_processor=None):
+    def stream_text(self, handle, params, *, parse_tools=None, chat=False):
         for k, piece in enumerate(self.pieces):
             self.generated += 1
             last = k == len(self.pieces) - 1
@@ -68,7 +68,8 @@ class FakeLLM:
 
 def stream(pieces, **req):
     req = ChatCompletionRequest(model="fake", messages=[{"role": "user", "content": "hi"}], **req)
-    worker = SimpleNamespace(count=lambda chunk: len(chunk.token_ids), closed=threading.Event())
+    worker = SimpleNamespace(count=lambda chunk: len(chunk.token_ids), closed=threading.Event(),
+                             entry=ModelEntry(model_id="fake", provider_id="p"))
     return list(_ChatJob(FakeLLM(pieces), req, "fake", worker).stream(threading.Event()))
 
 
@@ -93,10 +94,11 @@ def test_plain_text_streams_as_it_comes_even_with_tools():
     contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
     assert contents == ["Hel", "lo [", "world]", "!"]  # "H" cannot start a call: nothing held
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    # text that might open a call is held until it cannot, then released in one piece
+    # text that might open a call is held until it cannot, then released in one piece (outer spaces
+    # stripped, as the non-streamed reply is)
     chunks = stream([" ", "<", "tool", "x> hi", "!"], tools=[WEATHER], stream=True)
     contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
-    assert contents == [" <toolx> hi", "!"]
+    assert contents == ["<toolx> hi", "!"]
 
 
 def test_bracketed_text_that_is_not_a_call_is_released_as_content():
@@ -118,7 +120,8 @@ def test_without_tools_nothing_is_held_and_usage_is_last():
 
 def test_worker_queue_is_bounded_and_cancel_stops_generation():
     async def main():
-        worker = ModelWorker(ModelEntry(model_id="fake", provider_id="p"), max_queue=1)
+        # one request running and one waiting; the third is refused
+        worker = ModelWorker(ModelEntry(model_id="fake", provider_id="p", max_num_seqs=1), max_queue=1)
         gate = threading.Event()
         produced = []
 
@@ -128,7 +131,7 @@ def test_worker_queue_is_bounded_and_cancel_stops_generation():
                 produced.append(k)
                 yield {"k": k}
 
-        worker.llm = object()  # "loaded"
+        worker.llm = SimpleNamespace(engine=SimpleNamespace(shutdown=lambda: None))  # "loaded"
         first = worker.stream(slow)
         second = worker.stream(lambda llm, cancel: iter([{"k": "second"}]))
         with pytest.raises(APIError) as e:
@@ -137,7 +140,7 @@ def test_worker_queue_is_bounded_and_cancel_stops_generation():
         gate.set()
         assert (await first.__anext__()) == {"k": 0}
         await first.aclose()  # the client went away
-        assert [x async for x in second] == [{"k": "second"}]  # ran after the first stopped
+        assert [x async for x in second] == [{"k": "second"}]
         assert len(produced) < 1000
         await asyncio.sleep(0.05)
         assert worker._pending == 0

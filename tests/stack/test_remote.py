@@ -68,7 +68,7 @@ def test_remote_chat_matches_upstream(remote, client):
 def test_remote_errors(remote):
     with pytest.raises(openai.BadRequestError) as e:  # the upstream's own 400 comes back with its message
         remote.chat.completions.create(model="remote-smol", messages=HI, max_tokens=9000)
-    assert "8192" in e.value.body["message"] and e.value.body["param"] == "max_tokens"
+    assert "limit of 4096" in e.value.body["message"] and e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:  # refused by B before forwarding
         remote.chat.completions.create(model="remote-smol", messages=HI, extra_body={"mirostat": 2})
     assert e.value.body["param"] == "mirostat"

@@ -268,6 +268,17 @@ def test_tool_auto_and_tool_result_round_trip(client):
     assert client.chat.completions.retrieve(reply.id).model_extra["input_messages"][-1]["role"] == "tool"
 
 
+def test_a_reply_goes_back_into_the_history_as_the_sdk_returns_it(client):
+    """The SDK's assistant message (refusal/audio/function_call: None, ...) and `name`s reach the model."""
+    first = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, temperature=0)
+    history = [{"role": "system", "content": "Be brief.", "name": "setup"}, {**HI[0], "name": "ana"},
+               first.choices[0].message.model_dump(), {"role": "user", "content": "Again"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens > first.usage.prompt_tokens  # the earlier reply is in the prompt
+    stored = client.chat.completions.retrieve(r.id).model_extra["input_messages"]
+    assert stored[1]["name"] == "ana" and stored[2]["content"] == first.choices[0].message.content
+
+
 class City(BaseModel):
     name: str = Field(max_length=24)
     country: str = Field(max_length=24)
@@ -300,9 +311,10 @@ def _error(exc_info) -> dict:
 
 
 def test_bad_requests_are_clear_400s(client, inline_server):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=9000)
-    assert _error(e)["param"] == "max_tokens" and "8192" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # over the run config's cap (default 4096)
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4097)
+    assert _error(e)["param"] == "max_tokens" and "limit of 4096" in _error(e)["message"]
+    assert _error(e)["code"] == "max_tokens_exceeded"
 
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, extra_body={"guided_grammar": "x"})
@@ -331,6 +343,11 @@ def test_bad_requests_are_clear_400s(client, inline_server):
         client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert "images" in _error(e)["message"]
+
+    with pytest.raises(openai.BadRequestError) as e:  # the server reads no files for a request
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(inline_server.config_path)}}]}])
+    assert "only data: URLs" in _error(e)["message"]
 
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HI, temperature=5)

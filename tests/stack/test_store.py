@@ -1,10 +1,13 @@
-"""The SQLite completion store: list paging, order, filters, and durability across reopen."""
+"""The SQLite completion store: list paging, order, filters, durability across reopen, ids that never
+replace a row, and async access that leaves the event loop free."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from corral.stack.store import CompletionStore
+from corral.stack.store import CompletionStore, DuplicateCompletion
 
 
 def completion(i: int, model: str = "m") -> dict:
@@ -42,3 +45,54 @@ def test_survives_reopen_without_close(tmp_path):
     again = CompletionStore(tmp_path)
     assert again.get("chatcmpl-1")["model"] == "m"
     assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_colliding_id_is_an_error_never_a_replaced_row(tmp_path):
+    store = CompletionStore(tmp_path)
+    store.put(completion(1), [{"role": "user", "content": "first"}])
+    clash = {**completion(1), "choices": []}
+    with pytest.raises(DuplicateCompletion, match="chatcmpl-1"):
+        store.put(clash, [{"role": "user", "content": "second"}])
+    assert store.get("chatcmpl-1")["input_messages"] == [{"role": "user", "content": "first"}]
+    assert len(store.list(limit=10)["data"]) == 1
+
+
+def test_claim_hands_out_an_unused_id(tmp_path):
+    store = CompletionStore(tmp_path)
+    store.put(completion(1), [])
+    assert store.claim("chatcmpl-2") == "chatcmpl-2"
+    taken_by_a_running_stream = store.claim("chatcmpl-2")
+    stored_already = store.claim("chatcmpl-1")
+    assert len({"chatcmpl-1", "chatcmpl-2", taken_by_a_running_stream, stored_already}) == 4
+    assert stored_already.startswith("chatcmpl-")
+    store.put(completion(2), [])  # storing ends the claim ...
+    store.release("chatcmpl-9")  # ... as release does for one that will not be stored
+    assert store.claim("chatcmpl-9") == "chatcmpl-9"
+
+
+def test_async_methods_leave_the_event_loop_free(tmp_path):
+    """While a write waits on SQLite (here: the connection's lock, held by another thread), the loop runs."""
+    store = CompletionStore(tmp_path)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        with store._lock:  # a slow disk: every SQLite call waits
+            write = asyncio.create_task(store.aput(completion(1), []))
+            await asyncio.sleep(0.3)
+            assert not write.done() and ticks >= 10  # the loop kept running while the write waited
+        await write
+        assert (await store.aget("chatcmpl-1"))["id"] == "chatcmpl-1"
+        assert [c["id"] for c in (await store.alist(limit=5))["data"]] == ["chatcmpl-1"]
+        task.cancel()
+
+    asyncio.run(main())
+    store.close()
+    assert CompletionStore(tmp_path).get("chatcmpl-1") is not None  # durable: on disk after close
