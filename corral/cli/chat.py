@@ -139,4 +139,6 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         history.append({"role": "assistant", "content": reply})
         if args.stats and result is not None:
             print(f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tok/s, "
-                  f"first token {result.time_to_first_token_s:.2f}s, finish: {result.finish_reason}]", file=sys.stderr)
+                  f"first token {result.time_to_first_token_s:.2f}s ({result.cached_prompt_tokens} of "
+                  f"{result.prompt_tokens} prompt tokens from the prefix cache), finish: {result.finish_reason}]",
+                  file=sys.stderr)

@@ -16,6 +16,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only int8 with per-channel scales, done at load time: the fastest way to decode on "
                         "a CPU (Corral's int8 kernel; about 2.5x the speed of bf16 weights for Llama 3.2 1B)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--kv-cache-mb", type=int, metavar="MB",
+                   help="memory for the engine's paged KV cache (default: a fifth of the free memory, at most 8 GiB)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -71,9 +73,11 @@ def load_llm(model: str | None, args, quiet: bool = False):
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.kv_cache_mb is not None and args.kv_cache_mb < 1:
+        raise ValueError(f"--kv-cache-mb must be >= 1, got {args.kv_cache_mb}")
     start = time.perf_counter()
-    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize)
+    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize, kv_cache_mb=args.kv_cache_mb)
     seconds = time.perf_counter() - start
     if not quiet:
-        print(f"corral: loaded {llm.name} in {seconds:.1f}s", file=sys.stderr)
+        print(f"corral: loaded {llm.name} in {seconds:.1f}s; {llm.engine.describe()}", file=sys.stderr)
     return llm, seconds

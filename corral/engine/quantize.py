@@ -28,9 +28,11 @@ from corral.engine import cpu_kernels
 # Dequantize at most this many weight elements at a time, so a 128256 x 4096 head does not
 # briefly need a 2 GB float copy.
 CHUNK_ELEMENTS = 1 << 24
-# Inputs of up to this many rows (decode, small batches) go through Corral's matrix-vector kernel,
-# which reads each weight block once for all rows; more rows (prefill) are compute-bound: torch's GEMMs.
-MATVEC_MAX_ROWS = 8
+# Inputs of up to this many rows (decode, the engine's batches of decode tokens) go through Corral's
+# matrix-vector kernel, which reads each weight block once for all rows; more rows (prefill) are
+# compute-bound: torch's GEMMs. Measured on SmolLM2 int8, one thread: a 16-sequence decode step takes
+# 179 ms through the kernel and 521 ms through torch's int8 path; at 32 rows, 350 ms against 438 ms.
+MATVEC_MAX_ROWS = 32
 
 
 def quantize_weight(w: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:

@@ -35,7 +35,7 @@ def test_kernel_builds_on_this_machine():
     assert cpu_kernels.available() == expected
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 4, 16), (1, 64, 96), (3, 20, 48), (8, 128, 576)])
+@pytest.mark.parametrize("m,n,k", [(1, 4, 16), (1, 64, 96), (3, 20, 48), (8, 128, 576), (17, 36, 64), (32, 128, 576)])
 def test_matvec_matches_float64(m, n, k):
     if not cpu_kernels.available():
         with pytest.raises(RuntimeError, match="not available"):

@@ -99,8 +99,8 @@ def test_text_model_in_place_and_meta_swap():
     swap_int8_linears(fresh, names, dtype=torch.float32)
     tie_int8_embeddings(fresh)
     fresh.load_state_dict(sd, strict=True, assign=True)
-    with torch.no_grad():
-        assert torch.equal(fresh.eval()(tokens), got)
+    with torch.no_grad():  # the fresh model is not packed: torch's kernels, so equal to rounding
+        torch.testing.assert_close(fresh.eval()(tokens), got, atol=1e-5, rtol=1e-5)
 
 
 def _int8_reference(model: Transformer) -> Transformer:

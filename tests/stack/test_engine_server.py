@@ -226,3 +226,15 @@ def test_an_image_data_url_reaches_the_vision_model(vision_checkpoint, tmp_path)
         assert text == local.message.content
         assert lps == pytest.approx([lp.logprob for lp in local.logprobs], abs=1e-4)
     assert served[0][0] != pytest.approx(served[1][0], abs=1e-4)  # the image matters
+
+
+def test_echo_with_logprobs_prefills_the_prompt_once(batching_server, batching_client):
+    """The prompt's log-probabilities come from the one prefill that also starts generation."""
+    before = model_stats(batching_server, MODEL)["engine"]["tokens_computed"]
+    r = batching_client.completions.create(model=MODEL, prompt="The quick brown fox jumps over the lazy dog. " * 20,
+                                           max_tokens=1, temperature=0, logprobs=1, echo=True)
+    computed = model_stats(batching_server, MODEL)["engine"]["tokens_computed"] - before
+    assert computed == r.usage.prompt_tokens  # not twice; the one new token was sampled, never fed back
+    lps = r.choices[0].logprobs
+    assert len(lps.tokens) == r.usage.prompt_tokens + 1 and lps.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in lps.token_logprobs[1:])

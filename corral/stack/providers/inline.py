@@ -67,8 +67,12 @@ class ModelWorker:
             out["error"] = self.load_error.message
         if self.llm is not None:
             pool = self.llm.engine.scheduler.blocks.stats()
-            out["kv_cache"] = {"blocks": pool.n_blocks, "used": pool.used, "cached": pool.cached,
+            engine = self.llm.engine
+            out["kv_cache"] = {"blocks": pool.n_blocks, "block_size": engine.scheduler.blocks.block_size,
+                               "used": pool.used, "cached": pool.cached, "mib": round(engine.pool_bytes / 2**20),
                                "prefix_hit_tokens": pool.hit_tokens, "prefix_queried_tokens": pool.queried_tokens}
+            out["engine"] = {"steps": engine.steps, "tokens_computed": engine.tokens_computed,
+                             "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
         return out
 
     def load(self):
