@@ -192,9 +192,6 @@ class Engine:
                     return
             self.step()
 
-    def has_work(self) -> bool:
-        return bool(self._incoming or self.scheduler.running or self.scheduler.waiting)
-
     def step(self) -> None:
         """Admit, schedule, run one forward, sample, emit."""
         with self._lock:

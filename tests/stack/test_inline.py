@@ -147,3 +147,29 @@ def test_worker_queue_is_bounded_and_cancel_stops_generation():
         worker.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("pieces", [
+    ["Let me check. ", "<tool_call>", '{"name": "get_weather", "arguments": {"city": "Rome"}}', "</tool_call>"],
+    ['[get_weather(city="Rome")]'],  # not a call in this format: plain text both ways
+    ["{", '"a": 1}'],
+    ["Sure", "<tool_call>", '{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', " done"],
+])
+def test_streamed_and_non_streamed_replies_agree(pieces):
+    """The non-streamed reply is the collected stream: same content, same calls, same finish reason."""
+    req = ChatCompletionRequest(model="fake", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    worker = SimpleNamespace(count=lambda chunk: len(chunk.token_ids), closed=threading.Event(),
+                             entry=ModelEntry(model_id="fake", provider_id="p"))
+    whole = _ChatJob(FakeLLM(pieces), req, "fake", worker).run()
+    chunks = list(_ChatJob(FakeLLM(pieces), req, "fake", worker).stream(threading.Event()))
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    message = whole["choices"][0]["message"]
+    assert (message["content"] or "") == content
+    names = [tc["function"]["name"] for tc in calls if tc.get("id")]
+    assert names == [tc["function"]["name"] for tc in message.get("tool_calls", [])]
+    assert whole["choices"][0]["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"]
+    if "<tool_call>" in "".join(pieces):
+        assert names == ["get_weather"] and whole["choices"][0]["finish_reason"] == "tool_calls"
+    else:
+        assert not names and content == "".join(pieces).strip()
