@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
 
 from corral.engine.engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_NUM_SEQS, Engine, RequestHandle
 from corral.engine.sampling import SamplingParams

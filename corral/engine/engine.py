@@ -21,7 +21,7 @@ import torch
 
 from corral.engine.kv_cache import BLOCK_SIZE, BlockManager
 from corral.engine.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
-from corral.engine.scheduler import FINISHED, RUNNING, Scheduler, Sequence, TokenStep, check_length
+from corral.engine.scheduler import FINISHED, Scheduler, Sequence, TokenStep, check_length
 from corral.models.llama import AttentionGroup, PagedBatch, PagedKVCache
 
 log = logging.getLogger("corral.engine")

@@ -38,13 +38,13 @@ def hf_config(factor: float | None = 32.0, tie: bool = True):
                        torch_dtype="float32")
 
 
-def hf_model(factor: float | None = 32.0, tie: bool = True, seed: int = 0):
+def hf_model(factor: float | None = 32.0, tie: bool = True, seed: int = 0, config=None):
     """A LlamaForCausalLM with random weights: N(0, 0.05) linears, N(0, 0.5) embeddings, and norm
-    weights 1 + N(0, 0.1) so that a mix-up of norms would show."""
+    weights 1 + N(0, 0.1) so that a mix-up of norms would show. config: a LlamaConfig to use instead."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(factor, tie)).eval()
+    model = LlamaForCausalLM(config if config is not None else hf_config(factor, tie)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -337,14 +337,6 @@ def _chat_logprobs(lps) -> list[dict]:
             for lp in lps]
 
 
-def _chat_logprobs(lps) -> list[dict]:
-    if not lps:
-        return []
-    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
-             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top_logprobs]}
-            for lp in lps]
-
-
 class _ChatJob:
     """One chat request, on its request thread: its prompt, its choices' parameters, its stream."""
 
@@ -456,28 +448,36 @@ class _Content:
         self.text = text
 
 
-def _collect_chat(chunks: Iterator[dict], with_logprobs: bool) -> dict | None:
-    """A chat.completion from its chunks: the one way a non-streamed reply is made."""
-    head, choices, usage = None, {}, None
+def _walk(chunks: Iterator[dict]) -> tuple[dict | None, dict | None, list[dict]]:
+    """Run a stream to its end: (its first chunk, its usage, every choice delta in order)."""
+    head, usage, deltas = None, None, []
     for c in chunks:
         head = head or c
         usage = c.get("usage", usage)
-        for ch in c["choices"]:
-            slot = choices.setdefault(ch["index"], {"content": [], "calls": {}, "logprobs": [], "finish": None})
-            delta = ch.get("delta", {})
-            if delta.get("content"):
-                slot["content"].append(delta["content"])
-            for call in delta.get("tool_calls", []):
-                entry = slot["calls"].setdefault(call["index"], {"id": None, "type": "function",
-                                                                 "function": {"name": "", "arguments": ""}})
-                entry["id"] = call.get("id") or entry["id"]
-                fn = call.get("function", {})
-                entry["function"]["name"] += fn.get("name", "")
-                entry["function"]["arguments"] += fn.get("arguments", "")
-            if ch.get("logprobs"):
-                slot["logprobs"].extend(ch["logprobs"]["content"])
-            if ch.get("finish_reason"):
-                slot["finish"] = ch["finish_reason"]
+        deltas += c["choices"]
+    return head, usage, deltas
+
+
+def _collect_chat(chunks: Iterator[dict], with_logprobs: bool) -> dict | None:
+    """A chat.completion from its chunks: the one way a non-streamed reply is made."""
+    head, usage, deltas = _walk(chunks)
+    choices = {}
+    for ch in deltas:
+        slot = choices.setdefault(ch["index"], {"content": [], "calls": {}, "logprobs": [], "finish": None})
+        delta = ch.get("delta", {})
+        if delta.get("content"):
+            slot["content"].append(delta["content"])
+        for call in delta.get("tool_calls", []):
+            entry = slot["calls"].setdefault(call["index"], {"id": None, "type": "function",
+                                                             "function": {"name": "", "arguments": ""}})
+            entry["id"] = call.get("id") or entry["id"]
+            fn = call.get("function", {})
+            entry["function"]["name"] += fn.get("name", "")
+            entry["function"]["arguments"] += fn.get("arguments", "")
+        if ch.get("logprobs"):
+            slot["logprobs"].extend(ch["logprobs"]["content"])
+        if ch.get("finish_reason"):
+            slot["finish"] = ch["finish_reason"]
     if head is None:
         return None
     out = []
@@ -616,19 +616,17 @@ def _prepend(first, rest):
 
 def _collect_completion(chunks: Iterator[dict], with_logprobs: bool) -> dict | None:
     """A text_completion from its chunks: the one way a non-streamed completion is made."""
-    head, choices, usage = None, {}, None
-    for c in chunks:
-        head = head or c
-        usage = c.get("usage", usage)
-        for ch in c["choices"]:
-            slot = choices.setdefault(ch["index"], {"text": [], "finish": None,
-                                                    "logprobs": {"tokens": [], "token_logprobs": [],
-                                                                 "top_logprobs": [], "text_offset": []}})
-            slot["text"].append(ch["text"])
-            for key, values in (ch.get("logprobs") or {}).items():
-                slot["logprobs"][key] += values
-            if ch.get("finish_reason"):
-                slot["finish"] = ch["finish_reason"]
+    head, usage, deltas = _walk(chunks)
+    choices = {}
+    for ch in deltas:
+        slot = choices.setdefault(ch["index"], {"text": [], "finish": None,
+                                                "logprobs": {"tokens": [], "token_logprobs": [],
+                                                             "top_logprobs": [], "text_offset": []}})
+        slot["text"].append(ch["text"])
+        for key, values in (ch.get("logprobs") or {}).items():
+            slot["logprobs"][key] += values
+        if ch.get("finish_reason"):
+            slot["finish"] = ch["finish_reason"]
     if head is None:
         return None
     return {"id": head["id"], "object": "text_completion", "created": head["created"], "model": head["model"],
