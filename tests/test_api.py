@@ -163,3 +163,26 @@ def test_bad_inputs_give_clear_errors(smollm2_llm, tmp_path):
         LLM.load("no-such-model-anywhere")
     with pytest.raises(ValueError, match="no such file"):
         LLM.load(tmp_path / "missing.gguf")
+
+
+def test_generate_many_runs_together_and_equals_one_by_one(smollm2_llm):
+    """8 prompts batched by the engine give the greedy tokens each gives alone (the real model)."""
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
+               "The best way to learn", "Water boils at", "My favourite colour is", "In 1492,"]
+    params = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    alone = [smollm2_llm.generate(p, **params).token_ids for p in prompts]
+    steps = smollm2_llm.engine.steps
+    together = smollm2_llm.generate_many(prompts, **params)
+    assert [c.token_ids for c in together] == alone
+    assert smollm2_llm.engine.steps - steps < 3 * 10  # not 8 x 10 steps: they shared them
+
+
+def test_follow_up_chat_turn_reuses_the_cached_conversation(smollm2_llm, smollm2_gguf):
+    history = [{"role": "system", "content": "You answer in one short sentence. " * 8}] + QUESTION
+    first = smollm2_llm.chat(history, temperature=0, max_tokens=12)
+    follow = history + [{"role": "assistant", "content": first.message.content},
+                        {"role": "user", "content": "And of Germany?"}]
+    warm = smollm2_llm.chat(follow, temperature=0, max_tokens=12)
+    assert warm.cached_prompt_tokens >= first.prompt_tokens // 16 * 16 - 16
+    cold = LLM.load(smollm2_gguf, kv_cache_mb=64).chat(follow, temperature=0, max_tokens=12)
+    assert cold.cached_prompt_tokens == 0 and warm.token_ids == cold.token_ids
