@@ -197,6 +197,7 @@ class SamplingFields(Strict):
     top_k: int | None = Field(None, **limits.TOP_K.field())
     min_p: float | None = Field(None, **limits.MIN_P.field())
     repetition_penalty: float | None = Field(None, **limits.REPETITION_PENALTY.field())
+    ignore_eos: bool | None = None  # keep generating past the model's end tokens (benchmarks)
     # OpenAI fields we cannot honour: declared so the error can say so (see `unsupported`)
     logit_bias: dict[str, float] | None = None
 

@@ -120,6 +120,10 @@ def test_omitted_max_tokens_gets_the_server_cap(batching_client):
     streamed = batching_client.completions.create(model=MODEL, prompt="1, 2, 3,", temperature=0, stream=True,
                                                   stream_options={"include_usage": True})
     assert [c.usage.completion_tokens for c in streamed if c.usage] == [8]
+    # ignore_eos (vLLM's extra): past the end-of-turn token, up to the cap
+    r = batching_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                                max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
 
 
 def test_a_follow_up_turn_prefills_only_its_new_tokens(batching_server, batching_client):

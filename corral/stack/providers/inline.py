@@ -236,7 +236,7 @@ def _sampling(llm, entry: ModelEntry, req, n_prompt: int, *, default_max: int | 
         repetition_penalty=req.repetition_penalty or 1.0,
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
         seed=None if req.seed is None else req.seed + index,
-        stop=req.stops, logprobs=logprobs)
+        stop=req.stops, logprobs=logprobs, ignore_eos=bool(req.ignore_eos))
     try:
         params.validate()
     except ValueError as e:
