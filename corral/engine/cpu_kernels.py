@@ -34,7 +34,7 @@ from corral.paths import corral_home
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_matvec.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-shared", "-fPIC"]
 ROWS, CHUNK = 4, 16  # must match int8_matvec.c (checked when the library loads)
 
 _lock = threading.Lock()
@@ -85,8 +85,6 @@ def _build() -> ctypes.CDLL | None:
                             compiler, proc.stderr.strip()[-500:])
                 return None
             os.replace(out, target)  # atomic: a concurrent process sees the old state or the whole file
-    # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime torch
-    # already loaded: one thread pool, not two competing for the same cores.
     lib = ctypes.CDLL(str(target))
     lib.corral_int8_matvec.restype = None
     lib.corral_int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]

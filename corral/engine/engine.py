@@ -13,8 +13,10 @@ Finished and cancelled sequences give their blocks back at once; full blocks sta
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from typing import Iterable
 
 import torch
@@ -51,6 +53,16 @@ def default_pool_bytes(per_token: int, context: int, max_num_seqs: int) -> int:
     """A fifth of the free memory, at most 8 GiB, and no more than max_num_seqs full contexts."""
     return max(min(_available_memory() // 5, MAX_DEFAULT_POOL_BYTES, per_token * context * max_num_seqs),
                per_token * BLOCK_SIZE * 4)
+
+
+_threaded_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """At exit, let each loop thread finish its step: a daemon thread killed inside a torch op aborts."""
+    for engine in list(_threaded_engines):
+        engine.shutdown()
 
 
 class RequestHandle:
@@ -109,6 +121,8 @@ class Engine:
         self.context_length = min(self.context_length, self.capacity_tokens)
         self.scheduler = Scheduler(BlockManager(n_blocks, block_size), max_num_seqs, max_batch_tokens)
         self.threaded = threaded
+        if threaded:
+            _threaded_engines.add(self)
         self._lock = threading.Condition()
         self._incoming: list[Sequence] = []
         self._cancelled: list[Sequence] = []

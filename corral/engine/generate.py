@@ -3,7 +3,7 @@
     for step in generate_tokens(model, prompt_ids, SamplingParams(max_tokens=16)): ...
 
 Everything, the Python API, the CLI and the server, generates through `Engine`; this function is the
-shortest way to it for one request (a pool sized for that request, driven by the caller's thread).
+shortest way to it for one request (a private engine whose loop thread stops when the request ends).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, *, sto
     always stop. Bad input raises ValueError at the call. Closing the generator stops generation.
     cross_state: a vision model's `encode_images(...)` for this prompt.
     """
-    engine = Engine(model, max_num_seqs=1, kv_cache_mb=kv_cache_mb)
+    engine = Engine(model, max_num_seqs=1, kv_cache_mb=kv_cache_mb, threaded=True)
     handle = engine.submit(list(prompt_ids), params, stop_ids=stop_ids, logits_processor=logits_processor,
                            cross_state=cross_state)
 
@@ -35,5 +35,6 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, *, sto
             yield from handle
         finally:
             handle.close()
+            engine.shutdown()
 
     return steps()
