@@ -136,7 +136,8 @@ def test_int8_load(tmp_path, reference):
     via_load_model, checkpoint = load_model(directory, dtype=torch.float32, quantize="int8")
     assert isinstance(via_load_model.text_model.layers[0].attention.wq, Int8Linear)
     assert checkpoint.quantization == "int8"
-    assert torch.equal(logits(via_load_model, tokens, images), got)
+    # equal up to rounding: one of the two may run Corral's packed kernel, the other torch's int8 path
+    torch.testing.assert_close(logits(via_load_model, tokens, images), got, atol=1e-5, rtol=1e-5)
     rel = ((got - ref).norm() / ref.norm()).item()  # int8 error on these random weights: ~2.5%
     assert 0 < rel < 0.05, rel
 
