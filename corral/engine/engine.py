@@ -250,8 +250,7 @@ class Engine:
     def _forward(self, plan: list[tuple[Sequence, int]]):
         """One flat batch for the plan -> (logits (R, vocab), the logits row of each plan entry or None)."""
         bs = self.scheduler.blocks.block_size
-        tokens, positions, slots, groups, logit_rows, rows, cross = [], [], [], [], [], [], []
-        decodes = [(seq, n) for seq, n in plan if n == 1]
+        tokens, positions, slots, cross = [], [], [], []
         for seq, n in plan:
             start = seq.n_computed
             if seq.cross_state is not None:  # vision: this sequence's tokens run its own cross-attention
@@ -260,10 +259,39 @@ class Engine:
             tokens += seq.tokens[start:start + n]
             positions += pos
             slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-        if decodes:  # every single-token entry attends in one padded group
-            lengths = [seq.n_computed + 1 for seq, _ in decodes]
+        # Logits: the last row of an entry that completes what its sequence knows (the next token is
+        # sampled from it), and every row of a prompt chunk whose log-probabilities were asked for.
+        wanted, spans, offset = [], [], 0
+        for seq, n in plan:
+            samples = seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
+            scores = seq.prompt_logprobs is not None and not seq.generated and seq.n_computed < len(seq.prompt)
+            first = len(wanted)
+            wanted += range(offset, offset + n) if scores else [offset + n - 1] if samples else []
+            spans.append((first, len(wanted), samples, scores))
+            offset += n
+        batch = PagedBatch(self.cache, torch.tensor(positions, device=self.device),
+                           torch.tensor(slots, device=self.device), self._attention_groups(plan),
+                           torch.tensor(wanted, dtype=torch.long, device=self.device), cross or None)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), batch=batch)
+        self.tokens_computed += len(tokens)
+        rows = []
+        for (seq, _), (first, end, samples, scores) in zip(plan, spans):
+            if scores:
+                self._prompt_logprobs(seq, logits[first:end], seq.n_computed)
+            rows.append(end - 1 if samples else None)
+        return logits, rows
+
+    def _attention_groups(self, plan: list[tuple[Sequence, int]]) -> list[AttentionGroup]:
+        """The single-token entries (first in the plan) attend as one padded group over their own blocks;
+        each prompt chunk attends alone, over its cached prefix (or, from position 0, causally)."""
+        bs = self.scheduler.blocks.block_size
+        decodes = [seq for seq, n in plan if n == 1]
+        groups = []
+        if decodes:
+            lengths = [seq.n_computed + 1 for seq in decodes]
             width = max(lengths)
-            kv = torch.tensor([_slots(seq.block_table, length, bs, width) for (seq, _), length in zip(decodes, lengths)])
+            kv = torch.tensor([_slots(seq.block_table, length, bs, width) for seq, length in zip(decodes, lengths)])
             mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
             groups.append(AttentionGroup(0, len(decodes), len(decodes), kv.to(self.device),
                                          mask[:, None, None, :].to(self.device)))
@@ -274,36 +302,10 @@ class Engine:
                 groups.append(AttentionGroup(offset, offset + n, 1, torch.empty(0), None))
             else:
                 kv = torch.tensor([_slots(seq.block_table, ctx, bs, ctx)])
-                q_pos = torch.arange(seq.n_computed, ctx)
-                mask = torch.arange(ctx)[None, :] <= q_pos[:, None]
+                mask = torch.arange(ctx)[None, :] <= torch.arange(seq.n_computed, ctx)[:, None]
                 groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), mask[None, None].to(self.device)))
             offset += n
-        offset = 0
-        for seq, n in plan:
-            wants = seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
-            if seq.prompt_logprobs is not None and not seq.generated and seq.n_computed < len(seq.prompt):
-                first = len(logit_rows)
-                logit_rows += range(offset, offset + n)
-                rows.append((first, n) if not wants else (first, n, True))
-            else:
-                rows.append(len(logit_rows) if wants else None)
-                if wants:
-                    logit_rows.append(offset + n - 1)
-            offset += n
-        batch = PagedBatch(self.cache, torch.tensor(positions, device=self.device),
-                           torch.tensor(slots, device=self.device), groups,
-                           torch.tensor(logit_rows, dtype=torch.long, device=self.device), cross or None)
-        with torch.inference_mode():
-            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), batch=batch)
-        self.tokens_computed += len(tokens)
-        out_rows = []
-        for (seq, n), row in zip(plan, rows):
-            if isinstance(row, tuple):  # prompt log-probabilities for this chunk
-                self._prompt_logprobs(seq, logits[row[0]:row[0] + row[1]], seq.n_computed)
-                out_rows.append(row[0] + row[1] - 1 if len(row) == 3 else None)
-            else:
-                out_rows.append(row)
-        return logits, out_rows
+        return groups
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
         """Rows of positions start.. predict tokens start+1..: the log-probability of each prompt token
