@@ -258,7 +258,7 @@ class Engine:
             pos = range(start, start + n)
             tokens += seq.tokens[start:start + n]
             positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            slots += _slots(seq.block_table, pos, bs)
         # Logits: the last row of an entry that completes what its sequence knows (the next token is
         # sampled from it), and every row of a prompt chunk whose log-probabilities were asked for.
         wanted, spans, offset = [], [], 0
@@ -291,7 +291,9 @@ class Engine:
         if decodes:
             lengths = [seq.n_computed + 1 for seq in decodes]
             width = max(lengths)
-            kv = torch.tensor([_slots(seq.block_table, length, bs, width) for seq, length in zip(decodes, lengths)])
+            # each row's whole context, padded with its own first slot (masked out)
+            kv = torch.tensor([_slots(seq.block_table, range(length), bs) + [seq.block_table[0] * bs] * (width - length)
+                               for seq, length in zip(decodes, lengths)])
             mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
             groups.append(AttentionGroup(0, len(decodes), len(decodes), kv.to(self.device),
                                          mask[:, None, None, :].to(self.device)))
@@ -301,7 +303,7 @@ class Engine:
             if seq.n_computed == 0:
                 groups.append(AttentionGroup(offset, offset + n, 1, torch.empty(0), None))
             else:
-                kv = torch.tensor([_slots(seq.block_table, ctx, bs, ctx)])
+                kv = torch.tensor([_slots(seq.block_table, range(ctx), bs)])
                 mask = torch.arange(ctx)[None, :] <= torch.arange(seq.n_computed, ctx)[:, None]
                 groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), mask[None, None].to(self.device)))
             offset += n
@@ -376,8 +378,7 @@ class Engine:
             self._finish(seq, error)
 
 
-def _slots(block_table: list[int], length: int, bs: int, width: int) -> list[int]:
-    """Cache slots of positions 0..length-1, padded to width with the first one (masked out)."""
-    slots = [block_table[p // bs] * bs + p % bs for p in range(length)]
-    return slots + [slots[0]] * (width - length)
+def _slots(block_table: list[int], positions: range, bs: int) -> list[int]:
+    """The cache slots of a sequence's positions, through its block table."""
+    return [block_table[p // bs] * bs + p % bs for p in positions]
 

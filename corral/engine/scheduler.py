@@ -95,8 +95,9 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        """Still computing tokens it already knows (the prompt, or everything after a preemption)."""
-        return self.n_computed < self.n_tokens - 1 or not self.generated and self.n_computed < len(self.prompt)
+        """Still computing tokens it already knows: the prompt, or everything after a preemption. (A generating
+        sequence has computed all but its last sampled token, which its next decode step feeds in.)"""
+        return self.n_computed < self.n_tokens - (1 if self.generated else 0)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from corral.stack.api import (APIError, ChatCompletionRequest, CompletionRequest, ModelInfo, NamedToolChoice,
                               bad_request)
 from corral.stack.config import INLINE, ModelEntry
+from corral.tokenizer.tool_stream import ToolStreamEvent
 
 log = logging.getLogger("corral.server")
 
@@ -397,7 +398,7 @@ class _ChatJob:
                     total += self.worker.count(chunk)
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
-                    events = streamer.push(chunk.text) if streamer else [_Content(chunk.text)]
+                    events = streamer.push(chunk.text) if streamer else [ToolStreamEvent("content", chunk.text)]
                     if chunk.finish_reason and streamer:
                         events += streamer.finish()
                     lps = _chat_logprobs(chunk.logprobs) if self.want_logprobs is not None else None
@@ -437,15 +438,6 @@ class _ChatJob:
     def run(self, cancel: threading.Event | None = None) -> dict | None:
         return _collect_chat(self.stream(cancel or threading.Event(), include_usage=True),
                              with_logprobs=self.want_logprobs is not None)
-
-
-class _Content:
-    """A content event for replies parsed without tools."""
-
-    kind = "content"
-
-    def __init__(self, text: str):
-        self.text = text
 
 
 def _walk(chunks: Iterator[dict]) -> tuple[dict | None, dict | None, list[dict]]:
