@@ -116,18 +116,26 @@ class LLM:
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None,
              kv_cache_mb: int | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None) -> LLM:
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None,
+             adapter: str | Path | None = None) -> LLM:
         """A registry name (e.g. "SmolLM2-135M-Instruct", "Llama-3.2-1B-Instruct"), a checkpoint directory
         (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; fp32 for quantized GGUF),
-        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode.
+        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode;
+        "int4": GGUF Q4_0 blocks for the blocks' linears (smallest; a reference forward, not yet fast).
 
         The engine: kv_cache_mb is the KV-cache pool's memory (default: a fifth of the free memory, at
         most 8 GiB, no more than max_num_seqs full contexts); max_num_seqs sequences run together, with at
         most max_batch_tokens tokens per step (long prompts are prefilled in chunks of that size);
-        context_length caps prompt + generation below the model's own context."""
+        context_length caps prompt + generation below the model's own context. adapter: a PEFT LoRA adapter
+        directory (`corral finetune`), merged into the weights at load time (then quantized, with quantize)."""
         from corral.checkpoints import load_model, load_tokenizer
 
-        net, checkpoint = load_model(model, dtype=dtype, device=device, quantize=quantize)
+        if adapter is not None:  # a PEFT LoRA adapter, merged into the weights at load time
+            from corral.customize.lora import load_model_with_adapter
+
+            net, checkpoint = load_model_with_adapter(model, adapter, dtype=dtype, device=device, quantize=quantize)
+        else:
+            net, checkpoint = load_model(model, dtype=dtype, device=device, quantize=quantize)
         checkpoint.state_dict = {}  # the model holds the tensors; do not keep a second reference around
         return cls(net, load_tokenizer(checkpoint), checkpoint, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
                    max_batch_tokens=max_batch_tokens, context_length=context_length)

@@ -40,6 +40,9 @@ class Checkpoint:
     quantization: str | None = None  # e.g. "Q4_1" for a GGUF; None for bf16/fp16/fp32 weights
     chat_template: str | None = None  # Jinja template from tokenizer_config.json / tokenizer.chat_template
     metadata: dict = field(default_factory=dict, repr=False)  # config.json / params.json / GGUF metadata
+    # How the checkpoint was made (corral prune / quantize / finetune ...): recipe.json, the safetensors
+    # header or the GGUF key corral.recipe (corral/checkpoints/save.py); None for other checkpoints.
+    recipe: dict | None = field(default=None, repr=False)
 
 
 # Numbers that identify an architecture; a registry entry must agree on all of them.
@@ -105,15 +108,29 @@ def read_json(path: Path) -> dict:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint: a directory with config.json (HF) or params.json (Meta), or a .gguf file."""
+    from corral.checkpoints.save import read_recipe
+
+    checkpoint = _load_checkpoint(path)
+    if getattr(checkpoint, "format", None) in ("hf", "gguf"):
+        checkpoint.recipe = read_recipe(checkpoint)
+    return checkpoint
+
+
+def _load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / "config.json").is_file():
-            if read_json(path / "config.json").get("model_type") == "mllama":
+            cfg = read_json(path / "config.json")
+            if cfg.get("model_type") == "mllama":
                 from corral.checkpoints.mllama import load_mllama_checkpoint
 
                 return load_mllama_checkpoint(path)
+            if (cfg.get("quantization_config") or {}).get("quant_method") == "corral":  # corral quantize
+                from corral.customize.quantize import load_quantized_hf
+
+                return load_quantized_hf(path)
             from corral.checkpoints.hf import load_hf
 
             return load_hf(path)
@@ -185,7 +202,7 @@ def resolve_dtype(dtype, checkpoint: Checkpoint) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype") from None
 
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", quantize: str | None = None):
@@ -197,6 +214,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     quantize="int8": weight-only int8 with per-channel scales for every Linear, the output head included
     (corral/engine/quantize.py), each weight quantized and its float tensor freed as it is assigned, then
     packed for Corral's CPU decode kernel; activations default to fp32 on the CPU.
+    quantize="int4": the transformer blocks' linears in GGUF Q4_0 blocks of 32 (corral/engine/int4.py), the
+    head and embeddings int8 as above. A checkpoint written by `corral quantize` loads its own scheme.
     """
     from corral.checkpoints.download import resolve_model
     from corral.engine.quantize import pack_for_cpu
@@ -206,7 +225,19 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     path = resolve_model(name_or_path)
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
-    if dtype is None and quantize == "int8" and torch.device(device).type == "cpu" and config.family != "mllama":
+    if (checkpoint.metadata.get("quantization_config") or {}).get("quant_method") == "corral":
+        # written by `corral quantize`: the int8 / int4 modules are built from the file's own tensors
+        from corral.customize.quantize import load_quantized_model
+
+        if quantize not in (None, checkpoint.quantization):
+            raise ValueError(f"{checkpoint.path} is an {checkpoint.quantization} checkpoint; it cannot be loaded "
+                             f"with quantize={quantize!r}")
+        model = load_quantized_model(checkpoint, dtype=None if dtype is None else resolve_dtype(dtype, checkpoint),
+                                     device=device)
+        return model, dataclasses.replace(checkpoint, state_dict={})
+    if config.family == "mllama" and quantize == "int4":
+        raise ValueError("quantize='int4' is not supported for vision models; use int8")
+    if dtype is None and quantize in ("int8", "int4") and torch.device(device).type == "cpu" and config.family != "mllama":
         # int8 weights with fp32 activations: the decode kernel computes in fp32 anyway, and on CPUs without
         # native bf16 the fp32 prefill GEMMs and attention are several times faster than bf16 ones.
         dtype = torch.float32
@@ -229,11 +260,17 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     tied = config.tie_embeddings and config.family != "mllama"
     head_from_embeddings = tied and "output.weight" not in source
     to_load, quantized = {}, set()
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         from corral.engine.quantize import Int8Embedding, assign_int8, int8_linear_names, swap_int8_linears, \
             tie_int8_embeddings
 
         names = int8_linear_names(model)
+        if quantize == "int4":  # the blocks' linears in GGUF Q4_0 blocks; head and embeddings int8 (engine/int4.py)
+            from corral.engine.int4 import assign_int4, int4_linear_names
+
+            int4_names = int4_linear_names(model)
+            quantized |= assign_int4(model, source, int4_names, "q4_0")
+            names = [n for n in names if n not in int4_names]
         swap_int8_linears(model, names, dtype)
         for name in names:
             key = "tok_embeddings.weight" if name == "output" and head_from_embeddings else name + ".weight"

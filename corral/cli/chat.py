@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="attach an image to the first message, for vision models (repeatable)")
     p.add_argument("--stats", action="store_true", help="after each reply, print tokens/s and time to first token")
+    p.add_argument("--shield", metavar="GUARD",
+                   help="check each message and reply with Llama Guard 3: 'llama-guard' (Llama-Guard-3-1B) or a "
+                        "guard model name / path; a violation prints Llama Stack's refusal (see docs/safety.md)")
     add_model_arguments(p)
     add_sampling_arguments(p, max_tokens=1024)
 
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     params = sampling_params(args)
     interactive = sys.stdin.isatty()
     llm, _ = load_llm(args.model, args)
+    shield = None
+    if getattr(args, "shield", None):
+        from corral.cli.guard import load_chat_shield
+
+        shield = load_chat_shield(args.shield, args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict] = list(system)
     images = list(args.image)
@@ -118,8 +126,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             images = []
         history.append({"role": "user", "content": content})
         reply, result, chunks = "", None, None
+        if shield is not None and (refusal := shield.check_input(history)) is not None:
+            print(refusal)
+            history.pop()
+            continue
         try:
             chunks = llm.chat(history, params=params, stream=True)  # runs the prefill
+            if shield is not None:
+                chunks = shield.filter(history, chunks)
             for chunk in chunks:
                 reply += chunk.text
                 sys.stdout.write(chunk.text)

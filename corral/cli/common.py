@@ -12,9 +12,12 @@ from corral import limits
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="weight dtype (default: the checkpoint's; quantized GGUF files and --quantize load as fp32)")
-    p.add_argument("--quantize", choices=["int8"],
+    p.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only int8 with per-channel scales, done at load time: the fastest way to decode on "
-                        "a CPU (Corral's int8 kernel; about 2.5x the speed of bf16 weights for Llama 3.2 1B)")
+                        "a CPU (Corral's int8 kernel; about 2.5x the speed of bf16 weights for Llama 3.2 1B); int4: "
+                        "GGUF Q4_0 blocks for the transformer blocks (smallest, a reference forward: slower)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter (PEFT format, e.g. from `corral finetune`), merged into the weights at load")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--kv-cache-mb", type=int, metavar="MB",
                    help="memory for the engine's paged KV cache (default: a fifth of the free memory, at most 8 GiB)")
@@ -76,8 +79,19 @@ def load_llm(model: str | None, args, quiet: bool = False):
     if args.kv_cache_mb is not None and args.kv_cache_mb < 1:
         raise ValueError(f"--kv-cache-mb must be >= 1, got {args.kv_cache_mb}")
     start = time.perf_counter()
-    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize, kv_cache_mb=args.kv_cache_mb)
+    llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize, kv_cache_mb=args.kv_cache_mb,
+                   adapter=getattr(args, "adapter", None))
     seconds = time.perf_counter() - start
     if not quiet:
         print(f"corral: loaded {llm.name} in {seconds:.1f}s; {llm.engine.describe()}", file=sys.stderr)
     return llm, seconds
+
+
+def empty_output_dir(path: str, force: bool):
+    """OUT of a command that writes a checkpoint: new or empty, unless --force says to write into it."""
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ValueError(f"{out}: already exists and is not an empty directory (use --force to write into it)")
+    return out

@@ -18,6 +18,14 @@ COMMANDS = [
     ("generate", "corral.cli.generate", "generate text from one prompt and exit"),
     ("model", "corral.cli.model", "download, list, inspect and remove models"),
     ("serve", "corral.cli.serve", "serve the OpenAI / Llama Stack API (see docs/server.md)"),
+    ("stack", "corral.cli.stack", "list and show the shipped run configs (see docs/distributions.md)"),
+    ("guard", "corral.cli.guard", "check text or an image with Llama Guard 3 (see docs/safety.md)"),
+    ("finetune", "corral.cli.finetune", "LoRA or full fine-tuning on chat or text data (see docs/customize.md)"),
+    ("merge", "corral.cli.merge", "fold a LoRA adapter into a model's weights"),
+    ("distill", "corral.cli.distill", "distill a student model from a teacher's logits"),
+    ("prune", "corral.cli.prune", "structured pruning to a smaller shape from calibration activations"),
+    ("quantize", "corral.cli.quantize", "write an int8 / int4 weight-only checkpoint"),
+    ("export", "corral.cli.export", "export a model to GGUF (f16, q8_0, q4_0, q4_1) for llama.cpp"),
 ]
 
 

@@ -2,6 +2,7 @@
 
     corral serve                          # the built-in default model on 127.0.0.1:8321
     corral serve --config run.yaml        # models, providers, storage, port and API keys from a run config
+    corral serve --config postgres        # a shipped run config by name (`corral stack list-configs`)
     corral serve --port 9000 --model SmolLM2-135M-Instruct --checkpoint path/to/model.gguf
 """
 
@@ -13,7 +14,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", help="run config (YAML); default: serve the built-in default model")
+    p.add_argument("--config", help="run config: a YAML file, or a shipped one by name (local, postgres, remote-vllm: "
+                                    "see `corral stack list-configs`); default: serve the built-in default model")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8321)")
     p.add_argument("--model", help="without --config: the model id to serve (a registry name)")
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     from corral.stack.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from corral.stack.metrics import configure_access_log
+
+    configure_access_log(args.log_level.upper())  # one JSON line per request at info (the default)
     try:
         app = create_app(cfg)
     except (ValueError, RuntimeError) as e:

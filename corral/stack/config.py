@@ -10,6 +10,8 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
     load: startup                       # startup (default) | first_use
     max_queue: 8                        # waiting requests per model before 429
     max_body_bytes: 4194304
+    code_interpreter: {timeout_s: 10, cpu_s: 5, memory_mb: 256}   # agents' sandbox (docs/agents.md)
+    web_search: {provider: tavily, api_key: ...}                 # agents' search: tavily | brave
     providers:
       - provider_id: corral
         provider_type: inline::corral
@@ -18,10 +20,16 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
       - provider_id: vllm
         provider_type: remote::openai-compatible
         config: {base_url: http://gpu-box:8000/v1, api_key: ...}
+      - provider_id: localfs                    # RAG (docs/rag.md): files on disk ...
+        provider_type: inline::localfs
+      - provider_id: pgvector                   # ... and vector stores (default: inline::sqlite-vec)
+        provider_type: remote::pgvector
+        config: {dsn: postgresql://user:pass@db:5432/corral}
     models:
       - model_id: SmolLM2-135M-Instruct
         provider_id: corral
         checkpoint: ~/.corral/models/SmolLM2-135M-Instruct/model.gguf   # optional: name or path
+        adapter: null           # a LoRA adapter directory (`corral finetune`), merged at load
         max_tokens: 4096        # cap on tokens generated per request (null: no cap but the context)
         context_length: null    # cap on prompt + generation per request (null: the model's own)
         kv_cache_mb: null       # memory for the engine's paged KV-cache pool (null: from free memory)
@@ -40,6 +48,8 @@ context), so nobody holds a model for its whole 131K context by forgetting `max_
 read by the inline engine only: set on a remote or embedding model they are an error.
 
 Every key is checked at start; an error names the file and the key (`models[1].provider_id: ...`).
+Values may come from the environment, `${env.NAME}` or `${env.NAME:=default}`, and `--config` also takes
+the name of a shipped run config (local, postgres, remote-vllm: corral/stack/distributions).
 """
 
 from __future__ import annotations
@@ -51,13 +61,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.paths import corral_home
+from corral.stack import distributions
+from corral.safety.config import SAFETY, GuardrailsConfig, LlamaGuardConfig, ShieldEntry, check_safety
+from corral.stack.rag.config import RAG_APIS, check_rag_provider, default_rag_providers
+from corral.stack.agents.tools.sandbox import SandboxConfig
+from corral.stack.agents.tools.web_search import WebSearchConfig
 
 INLINE = "inline::corral"
 EMBEDDINGS = "inline::sentence-transformers"
 REMOTE = "remote::openai-compatible"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # ModelEntry keys that only the inline engine reads
-INLINE_ONLY = ("dtype", "quantize", "max_tokens", "context_length", "kv_cache_mb", "max_num_seqs", "max_batch_tokens")
+INLINE_ONLY = ("dtype", "quantize", "adapter", "max_tokens", "context_length", "kv_cache_mb", "max_num_seqs", "max_batch_tokens")
 
 
 class ConfigError(ValueError):
@@ -76,13 +91,18 @@ class RemoteConfig(_Strict):
 
 class ProviderConfig(_Strict):
     provider_id: str = Field(min_length=1)
-    provider_type: Literal["inline::corral", "inline::sentence-transformers", "remote::openai-compatible"]
+    provider_type: Literal["inline::corral", "inline::sentence-transformers", "remote::openai-compatible",
+                           "inline::llama-guard", "inline::localfs", "inline::sqlite-vec", "remote::pgvector"]
     config: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self):
         if self.provider_type == REMOTE:
             RemoteConfig.model_validate(self.config)  # errors surface under this provider's `config`
+        elif self.provider_type == SAFETY:
+            LlamaGuardConfig.model_validate(self.config)  # see corral/safety/config.py
+        elif self.provider_type in RAG_APIS:
+            check_rag_provider(self.provider_type, self.config)  # see corral/stack/rag/config.py
         elif self.config:
             raise ValueError(f"{self.provider_type} takes no `config` (got keys {sorted(self.config)})")
         return self
@@ -99,7 +119,8 @@ class ModelEntry(_Strict):
     provider_model_id: str | None = None  # remote: the id the remote server knows
     checkpoint: str | None = None  # inline: a registry name or a checkpoint path (default: model_id)
     dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (fp32 for GGUF)
-    quantize: Literal["int8"] | None = None  # inline: weight-only int8 at load (fastest CPU decode)
+    quantize: Literal["int8", "int4"] | None = None  # inline: weight-only int8 at load (fastest CPU decode); int4
+    adapter: str | None = None  # inline: a PEFT LoRA adapter directory, merged into the weights at load
     # Inline serving limits: what one request may take of the model, and how the engine batches.
     max_tokens: int | None = Field(4096, ge=1)  # cap on tokens generated per request (None: the context's room)
     context_length: int | None = Field(None, ge=16)  # cap on prompt + generation (None: the model's own)
@@ -125,6 +146,10 @@ class RunConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     providers: list[ProviderConfig] = Field(default_factory=list)
     models: list[ModelEntry] = Field(default_factory=list)
+    shields: list[ShieldEntry] = Field(default_factory=list)  # Llama Guard shields (corral/safety/config.py)
+    guardrails: GuardrailsConfig | None = None  # shields that check every chat completion
+    code_interpreter: SandboxConfig = Field(default_factory=SandboxConfig)  # agents' sandbox limits
+    web_search: WebSearchConfig | None = None  # agents' search provider (tavily | brave)
 
     @model_validator(mode="after")
     def _check(self):
@@ -142,6 +167,9 @@ class RunConfig(_Strict):
                 raise ValueError(f"models[{k}].model_id: {m.model_id!r} appears twice")
             seen.add(m.model_id)
             kind = types[m.provider_id]
+            if kind in RAG_APIS:
+                raise ValueError(f"models[{k}].provider_id: {m.provider_id!r} is a {RAG_APIS[kind]} provider, "
+                                 f"it serves no models")
             if (kind == EMBEDDINGS) != (m.model_type == "embedding"):
                 raise ValueError(f"models[{k}].model_type: {m.model_type!r} does not match provider "
                                  f"{m.provider_id!r} of type {kind}")
@@ -154,20 +182,29 @@ class RunConfig(_Strict):
                 for key in sorted(m.model_fields_set & set(INLINE_ONLY)):
                     raise ValueError(f"models[{k}].{key}: only inline::corral models have one "
                                      f"(provider {m.provider_id!r} is {kind})")
+        check_safety(self)
         if any(not k for k in self.api_keys):
             raise ValueError("api_keys: an API key must not be empty")
         return self
 
     @classmethod
     def default(cls, **overrides) -> RunConfig:
-        """The zero-configuration server: the default model inline plus MiniLM embeddings."""
+        """The zero-configuration server: the default model inline plus MiniLM embeddings, and a Llama Guard
+        shield for each guard model whose weights are in the model cache."""
         from corral.models.config import DEFAULT_MODEL
+        from corral.paths import models_dir
+        from corral.safety.config import default_guards
 
+        guards = default_guards(models_dir())
+        safety = [ProviderConfig(provider_id="llama-guard", provider_type=SAFETY)] if guards else []
         return cls(providers=[ProviderConfig(provider_id="corral", provider_type=INLINE),
-                              ProviderConfig(provider_id="sentence-transformers", provider_type=EMBEDDINGS)],
+                              ProviderConfig(provider_id="sentence-transformers", provider_type=EMBEDDINGS), *safety,
+                              *default_rag_providers(ProviderConfig)],
                    models=[ModelEntry(model_id=DEFAULT_MODEL, provider_id="corral"),
                            ModelEntry(model_id=DEFAULT_EMBEDDING_MODEL, provider_id="sentence-transformers",
-                                      model_type="embedding")],
+                                      model_type="embedding"),
+                           *(ModelEntry(model_id=g, provider_id="corral") for g in guards)],
+                   shields=[ShieldEntry(shield_id=g, provider_id="llama-guard") for g in guards],
                    **overrides)
 
 
@@ -190,17 +227,21 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
             return RunConfig.default(**overrides)
         except ValidationError as e:
             raise ConfigError(f"default run config: {_format_errors(e)}") from None
-    path = Path(path).expanduser()
+    path = distributions.resolve(path)  # a file, or a shipped config's name (corral/stack/distributions)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: run config not found") from None
+        raise ConfigError(f"{path}: run config not found (shipped configs: {', '.join(distributions.names())})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a YAML mapping, got {type(data).__name__}")
+    try:
+        data = distributions.substitute_env(data)  # ${env.NAME} and ${env.NAME:=default}
+    except distributions.MissingEnv as e:
+        raise ConfigError(f"{path}: {e}") from None
     data.update(overrides)
     try:
         cfg = RunConfig.model_validate(data)
@@ -208,7 +249,8 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
         raise ConfigError(f"{path}: {_format_errors(e)}") from None
     if not cfg.providers and not cfg.models:  # only server settings: serve the defaults
         default = RunConfig.default()
-        cfg = cfg.model_copy(update={"providers": default.providers, "models": default.models})
+        cfg = cfg.model_copy(update={"providers": default.providers, "models": default.models,
+                                     "shields": cfg.shields or default.shields})
     elif not cfg.models:
         raise ConfigError(f"{path}: models: no models to serve")
     cfg.storage_dir = Path(cfg.storage_dir).expanduser()

@@ -5,7 +5,10 @@ validated request object. Around the routes:
   - errors are OpenAI's body `{"error": {message, type, param, code}}`; an unknown request field is a
     400 that names it (the request models forbid extras);
   - an ASGI guard refuses bodies over `max_body_bytes` (413) and, when API keys are configured,
-    requests without a valid `Authorization: Bearer` key (401) on every route but /v1/health;
+    requests without a valid `Authorization: Bearer` key (401) on every route but /v1/health and the
+    chat page (`/`, `/ui/*`: corral/ui);
+  - `Observer` (corral/stack/metrics.py), outside the guard, counts and times every request for
+    `/metrics` and writes one JSON access-log line per request;
   - streams are Server-Sent Events ending in `data: [DONE]`; a client that disconnects closes the
     provider's iterator, which stops its generation;
   - every chat completion (streamed or not; inline or remote) is stored in SQLite for
@@ -33,7 +36,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import corral
 from corral.stack.api import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelInfo
 from corral.stack.config import EMBEDDINGS, INLINE, REMOTE, RunConfig
+from corral.safety.config import SAFETY
+from corral.stack.routes_safety import configured_guardrails, guarded_chat, router as safety_router
+from corral.stack.rag import RAG_APIS, build_provider, build_service, provider_config as rag_provider_config
+from corral.stack.agents.service import Agents
+from corral.stack.routes_agents import agents_router
+from corral.stack.http import unless_disconnected
 from corral.stack.store import CompletionStore
+from corral.stack.metrics import Metrics, Observer, add_metrics_route
+from corral.ui import add_ui_routes, is_public
 
 # Llama Stack's clients page with up to 1000 items (OpenAI's own lists stop at 100).
 MAX_PAGE = 1000
@@ -66,10 +77,21 @@ class Stack:
                 from corral.stack.providers.remote import RemoteProvider
 
                 prov = RemoteProvider(p.provider_id, p.remote, entries)
+            elif p.provider_type == SAFETY:  # Llama Guard shields over the guard models of the inline providers
+                from corral.stack.providers.safety import LlamaGuardProvider
+
+                prov = LlamaGuardProvider(p.provider_id, p.config,
+                                          [s for s in cfg.shields if s.provider_id == p.provider_id], self.providers)
+            elif p.provider_type in RAG_APIS:  # files and vector_io (corral/stack/rag)
+                prov = build_provider(p, cfg.storage_dir)
             else:  # pragma: no cover - the config validates provider_type
                 raise ValueError(p.provider_type)
             self.providers[p.provider_id] = prov
         self.store = CompletionStore(cfg.storage_dir)
+        self.files, self.vector_stores = build_service(self, cfg.storage_dir)  # None where not configured
+        # Responses, conversations and their tools (corral/stack/agents): after vector_stores (file_search)
+        self.agents = Agents(self, cfg.storage_dir, code_interpreter=cfg.code_interpreter, web_search=cfg.web_search)
+        self.agents.guardrails = configured_guardrails(self)  # the run config's shields check responses too
 
     def models(self) -> list[ModelInfo]:
         return [m for p in self.providers.values() for m in p.models()]
@@ -89,8 +111,14 @@ class Stack:
     async def start(self) -> None:
         for p in self.providers.values():
             await p.start()
+        if self.vector_stores is not None:  # after the providers: it resumes ingestion with them
+            await self.vector_stores.start()
+        await self.agents.start()
 
     async def close(self) -> None:
+        await self.agents.close()  # first: its background responses use the providers
+        if self.vector_stores is not None:
+            await self.vector_stores.close()
         for p in self.providers.values():
             await p.close()
         await asyncio.to_thread(self.store.close)
@@ -101,23 +129,25 @@ class Stack:
 
 
 class Guard:
-    def __init__(self, app, *, max_body_bytes: int, api_keys: list[str]):
+    def __init__(self, app, *, max_body_bytes: int, api_keys: list[str], path_limits: dict[str, int] | None = None):
         self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, [k.encode() for k in api_keys]
+        self.path_limits = path_limits or {}  # routes with their own body limit (file uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_keys and scope["path"].rstrip("/") != "/v1/health":
+        if self.api_keys and scope["path"].rstrip("/") != "/v1/health" and not is_public(scope["path"]):
             auth = headers.get(b"authorization", b"")
             key = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not any(hmac.compare_digest(key, k) for k in self.api_keys):
                 msg = "missing API key: send 'Authorization: Bearer <key>'" if not key else "invalid API key"
                 return await _send_error(send, APIError(401, msg, type="authentication_error",
                                                         code="invalid_api_key"))
+        limit = self.path_limits.get(scope["path"].rstrip("/"), self.max_body_bytes)
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _send_error(send, _too_large(self.max_body_bytes))
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_error(send, _too_large(limit))
         seen = 0
         started = False
 
@@ -126,7 +156,7 @@ class Guard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
+                if seen > limit:
                     raise _BodyTooLarge()
             return message
 
@@ -140,7 +170,7 @@ class Guard:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _send_error(send, _too_large(self.max_body_bytes))
+                await _send_error(send, _too_large(limit))
         except Exception as e:  # noqa: BLE001 - the last line of defence: nothing internal leaks
             # Starlette answers through the app's `Exception` handler (which logs) and then re-raises.
             if not getattr(e, "_corral_logged", False):
@@ -329,6 +359,8 @@ def create_app(cfg: RunConfig) -> FastAPI:
     app = FastAPI(title="Corral", version=corral.__version__, lifespan=lifespan, docs_url="/docs",
                   openapi_url="/openapi.json", redoc_url=None)
     app.state.stack = stack
+    app.include_router(safety_router)  # shields, run-shield, moderations (corral/stack/routes_safety.py)
+    app.include_router(agents_router(stack.agents))  # responses, conversations (corral/stack/routes_agents.py)
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
@@ -356,7 +388,9 @@ def create_app(cfg: RunConfig) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _check_supported(req)
         model, provider = stack.resolve(req.model, "llm")
-        result = await _unless_disconnected(request, provider.chat_completion(model, req))
+        # guarded_chat: the run config's guardrails check the input and the answer (corral/safety/guardrails.py)
+        call = guarded_chat(stack, req, lambda: provider.chat_completion(model, req))
+        result = await unless_disconnected(request, call)
         if req.store is False:
             return _sse(result) if req.stream else result
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -395,7 +429,7 @@ def create_app(cfg: RunConfig) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         _check_supported(req)
         model, provider = stack.resolve(req.model, "llm")
-        result = await _unless_disconnected(request, provider.completion(model, req))
+        result = await unless_disconnected(request, provider.completion(model, req))
         return _sse(result) if req.stream else result
 
     @app.post("/v1/embeddings")
@@ -420,20 +454,27 @@ def create_app(cfg: RunConfig) -> FastAPI:
         config = copy.deepcopy(p.config)
         if config.get("api_key"):
             config["api_key"] = "********"
-        api = "embeddings" if p.provider_type == EMBEDDINGS else "inference"
+        api = "embeddings" if p.provider_type == EMBEDDINGS else RAG_APIS.get(p.provider_type, "inference")
+        api = "safety" if p.provider_type == SAFETY else api
+        if p.provider_type in RAG_APIS:
+            config = rag_provider_config(stack.providers[pid], config)
         return {"api": api, "provider_id": pid, "provider_type": p.provider_type, "config": config,
                 "health": await stack.providers[pid].health()}
 
     @app.get("/v1/providers")
     async def list_providers():
-        return {"data": [await provider_info(pid) for pid in stack.providers]}
+        # the configured providers, then the agents' server-side tools (code interpreter, MCP, file search, web search)
+        return {"data": [await provider_info(pid) for pid in stack.providers] + stack.agents.tool_runtimes()}
 
     @app.get("/v1/providers/{provider_id}")
     async def get_provider(provider_id: str):
-        if provider_id not in stack.providers:
-            raise APIError(404, f"provider {provider_id!r} not found (have {sorted(stack.providers)})",
+        if provider_id in stack.providers:
+            return await provider_info(provider_id)
+        tools = {t["provider_id"]: t for t in stack.agents.tool_runtimes()}
+        if provider_id not in tools:
+            raise APIError(404, f"provider {provider_id!r} not found (have {sorted([*stack.providers, *tools])})",
                            type="not_found_error", code="not_found")
-        return await provider_info(provider_id)
+        return tools[provider_id]
 
     @app.get("/v1/health")
     async def health():
@@ -445,36 +486,39 @@ def create_app(cfg: RunConfig) -> FastAPI:
 
     @app.get("/v1/inspect/routes")
     async def inspect_routes():
-        inference = sorted({p.provider_type for p in cfg.providers if p.provider_type != EMBEDDINGS})
+        inference = sorted({p.provider_type for p in cfg.providers
+                            if p.provider_type not in (EMBEDDINGS, SAFETY) and p.provider_type not in RAG_APIS})
+        rag = {api: sorted({p.provider_type for p in cfg.providers if RAG_APIS.get(p.provider_type) == api})
+               for api in ("files", "vector_io")}
         embedding = sorted({p.provider_type for p in cfg.providers if p.provider_type == EMBEDDINGS})
         data = []
-        for r in app.routes:
+
+        def flat(routes):  # FastAPI >= 0.16x wraps an included router's routes (`original_router`)
+            for r in routes:
+                inner = getattr(r, "original_router", None)
+                yield from (flat(inner.routes) if inner is not None else (r,))
+
+        for r in flat(app.routes):
             if getattr(r, "path", "").startswith("/v1/"):
                 types = (inference if r.path in ("/v1/chat/completions", "/v1/completions")
-                         else embedding if r.path == "/v1/embeddings" else [])
+                         else embedding if r.path == "/v1/embeddings"
+                         else rag["files"] if r.path.startswith("/v1/files")
+                         else rag["vector_io"] if r.path.startswith(("/v1/vector_stores", "/v1/vector-io")) else [])
                 for method in sorted(getattr(r, "methods", ()) - {"HEAD"}):
                     data.append({"route": r.path, "method": method, "provider_types": types})
         return {"data": data}
 
-    guarded = Guard(app, max_body_bytes=cfg.max_body_bytes, api_keys=cfg.api_keys)
-    guarded.fastapi = app
-    return guarded
+    from corral.stack.rag.routes import router as rag_router
 
-
-async def _unless_disconnected(request: Request, work):
-    """Await a provider call; if the client disconnects first, cancel it (its generation stops)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - nobody is listening
-                pass
-            raise APIError(499, "client disconnected", code="client_disconnected")
+    app.include_router(rag_router)
+    uploads = {"/v1/files": stack.files.max_upload_bytes} if stack.files is not None else {}
+    add_ui_routes(app)  # the chat page at / (corral/ui), public: the page sends the user's key itself
+    metrics = Metrics(stack)
+    add_metrics_route(app, metrics)  # /metrics (corral/stack/metrics.py)
+    guarded = Guard(app, max_body_bytes=cfg.max_body_bytes, api_keys=cfg.api_keys, path_limits=uploads)
+    observed = Observer(guarded, metrics, app)  # outside the Guard: its 401s and 413s are counted and logged
+    observed.fastapi = app
+    return observed
 
 
 def _check_supported(req) -> None:

@@ -227,3 +227,26 @@ def fake_client(fake_server):
     import openai
 
     return openai.OpenAI(base_url=fake_server.base_url, api_key="none", max_retries=0, timeout=30)
+
+
+# --- PostgreSQL with pgvector, for the RAG tests' second backend ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    """A real PostgreSQL 16 with pgvector (the `pgserver` wheel), started for the session; its DSN.
+
+    Its data directory is one pgserver creates itself under the system temp directory: run as root,
+    pgserver starts PostgreSQL as its own user, which cannot enter pytest's private (0700) temp dirs.
+    """
+    import shutil
+    import tempfile
+    import uuid
+
+    import pgserver
+
+    pgdata = Path(tempfile.gettempdir()) / f"corral-pgdata-{uuid.uuid4().hex[:12]}"
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)

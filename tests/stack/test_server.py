@@ -62,8 +62,10 @@ def test_health_version_providers_routes_and_auth(inline_server):
     assert httpx.get(url + "/v1/version", headers=_auth()).json()["version"]
     providers = httpx.get(url + "/v1/providers", headers=_auth()).json()["data"]
     assert {(p["provider_id"], p["provider_type"], p["api"]) for p in providers} == {
-        ("corral", "inline::corral", "inference"), ("st", "inline::sentence-transformers", "embeddings")}
-    assert all(p["health"]["status"] == "OK" for p in providers)
+        ("corral", "inline::corral", "inference"), ("st", "inline::sentence-transformers", "embeddings"),
+        ("code-interpreter", "inline::code-interpreter", "tool_runtime"),
+        ("model-context-protocol", "remote::model-context-protocol", "tool_runtime")}
+    assert all(p["health"]["status"] == "OK" for p in providers)  # bubblewrap is installed (.ci/run)
     assert httpx.get(url + "/v1/providers/corral", headers=_auth()).json()["provider_type"] == "inline::corral"
     assert httpx.get(url + "/v1/providers/nope", headers=_auth()).status_code == 404
     routes = {(r["route"], r["method"]) for r in httpx.get(url + "/v1/inspect/routes", headers=_auth()).json()["data"]}

@@ -88,7 +88,7 @@ class ModelWorker:
                 e = self.entry
                 try:
                     self.llm = LLM.load(e.checkpoint or e.model_id, dtype=e.dtype, quantize=e.quantize,
-                                        kv_cache_mb=e.kv_cache_mb, max_num_seqs=e.max_num_seqs,
+                                        adapter=e.adapter, kv_cache_mb=e.kv_cache_mb, max_num_seqs=e.max_num_seqs,
                                         max_batch_tokens=e.max_batch_tokens, context_length=e.context_length)
                 except Exception as exc:  # noqa: BLE001 - remembered and reported as a 503
                     log.exception("model %r failed to load", e.model_id)
@@ -662,7 +662,8 @@ class InlineProvider:
             if w.llm is not None and "context_length" not in info.metadata:
                 ckpt = getattr(w.llm, "checkpoint", None)
                 info.metadata.update(context_length=w.llm.context_length, chat_format=w.llm.config.chat_format,
-                                     max_tokens=w.entry.max_tokens, kv_cache_mb=round(w.llm.engine.pool_bytes / 2**20))
+                                     max_tokens=w.entry.max_tokens, kv_cache_mb=round(w.llm.engine.pool_bytes / 2**20),
+                                     vision=w.llm.supports_images)
                 if ckpt is not None:
                     info.metadata.update(checkpoint=str(ckpt.path), format=ckpt.format,
                                          quantization=ckpt.quantization)

@@ -1,0 +1,48 @@
+"""Export a model to GGUF for llama.cpp (and Ollama, LM Studio, ...).
+
+    corral export SmolLM2-135M-Instruct smollm2-q8.gguf --type q8_0
+    corral export ./pruned-model pruned-q4.gguf --type q4_0
+    corral export ~/models/Llama-3.2-1B-Instruct llama-1b-f16.gguf        # --type f16 is the default
+
+MODEL is a registry name, a Hugging Face or Meta checkpoint directory, or a .gguf file (a quantized
+GGUF is dequantized, then re-encoded). Tensors are named and laid out as llama.cpp's converter writes
+them; F16 keeps the weights (to 16 bits), Q8_0 / Q4_0 / Q4_1 are llama.cpp's block formats (32
+weights per block with one fp16 scale; Q4_1 adds a minimum). Norms stay F32. The tokenizer, chat
+template and a record of how the file was made (`corral.recipe`) go into the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from corral.customize.export import TYPES
+
+    p.add_argument("model", metavar="MODEL", help="registry name, checkpoint directory (HF or Meta) or .gguf file")
+    p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--type", default="f16", choices=list(TYPES), help="tensor type of the weights (default f16)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        p = argparse.ArgumentParser(prog="corral export")
+        add_arguments(p)
+        args = p.parse_args(argv)
+    from pathlib import Path
+
+    from corral.customize.export import export_gguf
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise ValueError(f"{out}: already exists (use --force to overwrite)")
+    start = time.perf_counter()
+    path = export_gguf(args.model, out, type=args.type,
+                       recipe={"command": "corral export " + " ".join([args.model, args.out, "--type", args.type])})
+    size = path.stat().st_size
+    print(f"corral: wrote {path} ({size / 2**20:.1f} MiB, {args.type}) in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+    return 0
