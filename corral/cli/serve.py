@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     print(f"corral serve: {', '.join(m.model_id for m in cfg.models)} on http://{cfg.host}:{cfg.port}/v1 "
           f"(models load at {'start' if cfg.load == 'startup' else 'first use'}; store in {cfg.storage_dir})",
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    # access_log=False: the JSON access log configured above is the one line per request
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=3,
+                access_log=False)
     return 0
 
 
