@@ -5,7 +5,8 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
 
     port: 8321
     host: 127.0.0.1
-    storage_dir: ~/.corral/server       # SQLite store of chat completions
+    storage_dir: ~/.corral/server       # SQLite store of chat completions, responses, conversations
+    storage: {dsn: postgresql://user:pass@db:5432/corral}   # optional: those stores on PostgreSQL instead
     api_keys: [sk-local-1]              # optional: then every route but /v1/health needs one
     load: startup                       # startup (default) | first_use
     max_queue: 8                        # waiting requests per model before 429
@@ -112,6 +113,19 @@ class ProviderConfig(_Strict):
         return RemoteConfig.model_validate(self.config)
 
 
+class StorageConfig(_Strict):
+    """Where the server's own stores (chat completions, responses, conversations) live: absent, SQLite
+    under storage_dir; with a `dsn`, PostgreSQL, in their own schema (uploaded files and RAG stay apart)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    dsn: str = Field(min_length=1)  # a libpq DSN, e.g. postgresql://corral:secret@db:5432/corral
+    pg_schema: str = Field("corral", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+    @property
+    def store_args(self) -> dict:
+        return {"dsn": self.dsn, "pg_schema": self.pg_schema}
+
+
 class ModelEntry(_Strict):
     model_id: str = Field(min_length=1)
     provider_id: str
@@ -140,6 +154,7 @@ class RunConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
     storage_dir: Path = Field(default_factory=lambda: corral_home() / "server")
+    storage: StorageConfig | None = None  # the server's stores on PostgreSQL (None: SQLite under storage_dir)
     api_keys: list[str] = Field(default_factory=list)
     load: Literal["startup", "first_use"] = "startup"
     max_queue: int = Field(8, ge=0)  # requests waiting for a busy model, beyond the one running

@@ -87,7 +87,7 @@ class Stack:
             else:  # pragma: no cover - the config validates provider_type
                 raise ValueError(p.provider_type)
             self.providers[p.provider_id] = prov
-        self.store = CompletionStore(cfg.storage_dir)
+        self.store = CompletionStore(cfg.storage_dir, **(cfg.storage.store_args if cfg.storage else {}))
         self.files, self.vector_stores = build_service(self, cfg.storage_dir)  # None where not configured
         # Responses, conversations and their tools (corral/stack/agents): after vector_stores (file_search)
         self.agents = Agents(self, cfg.storage_dir, code_interpreter=cfg.code_interpreter, web_search=cfg.web_search)

@@ -1,4 +1,4 @@
-"""The store of chat completions: SQLite under the storage directory.
+"""The store of chat completions: SQLite under the storage directory, or PostgreSQL (`storage.dsn`, sqldb.py).
 
 WAL journal with synchronous=FULL: a completion is on disk when `put` returns, so a SIGKILL of the
 server loses nothing that was answered. A row is never replaced: an id that is already stored is an
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+
+from corral.stack.sqldb import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chat_completions (
@@ -46,16 +47,15 @@ def fresh_completion_id() -> str:
 
 
 class CompletionStore:
-    def __init__(self, storage_dir: str | Path):
+    def __init__(self, storage_dir: str | Path, *, dsn: str | None = None, pg_schema: str = "corral"):
+        """SQLite under `storage_dir`, or PostgreSQL when `dsn` is given (tables in schema `pg_schema`)."""
         self.path = Path(storage_dir) / "completions.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if dsn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the connection
         self._claims_lock = threading.Lock()  # _claimed; taken inside _lock, never around it
         self._claimed: set[str] = set()  # ids handed out but not yet stored
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = Database(SCHEMA, path=self.path, dsn=dsn, pg_schema=pg_schema)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="corral-store")
 
     # -- blocking: call from a worker thread, or through the async versions below ---------------
@@ -82,7 +82,7 @@ class CompletionStore:
                     "VALUES (?, ?, ?, ?, ?)",
                     (completion["id"], completion["created"], completion["model"],
                      json.dumps(completion), json.dumps(input_messages)))
-            except sqlite3.IntegrityError:
+            except self._db.IntegrityError:
                 raise DuplicateCompletion(f"chat completion {completion['id']!r} is already stored") from None
             finally:
                 with self._claims_lock:

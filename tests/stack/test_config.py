@@ -93,6 +93,19 @@ def test_per_model_serving_limits(tmp_path, monkeypatch):
     assert n.max_tokens is None and n.max_num_seqs == 32
 
 
+def test_storage_puts_the_servers_stores_on_postgresql(tmp_path, monkeypatch):
+    monkeypatch.setenv("PG", "postgresql://u:p@db/corral")
+    path = tmp_path / "run.yaml"
+    path.write_text("storage: {dsn: '${env.PG}', schema: corral_a}\n")
+    assert load_run_config(path).storage.store_args == {"dsn": "postgresql://u:p@db/corral", "pg_schema": "corral_a"}
+    assert load_run_config(None).storage is None  # absent: SQLite under storage_dir
+    for bad, key in [("storage: {dsn: ''}", "storage.dsn"), ("storage: {dsn: x, schema: 'a;b'}", "storage.schema"),
+                     ("storage: {path: x}", "storage")]:
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_run_config(path)
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_run_config(tmp_path / "missing.yaml")

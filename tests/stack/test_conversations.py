@@ -7,6 +7,7 @@ starts in a second; objects are validated strictly against the SDK's own models.
 from __future__ import annotations
 
 import socket
+import uuid
 
 import openai
 import pytest
@@ -18,16 +19,19 @@ from tests.stack.conftest import ServerProcess
 ITEM = TypeAdapter(ConversationItem)
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def server(request, tmp_path):
     # The remote model's address accepts connections and never answers: a response to it hangs.
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
+    # postgres: the stores in PostgreSQL (`storage.dsn`), in a schema of this test's own
+    storage = ({"storage": {"dsn": request.getfixturevalue("pg_dsn"), "schema": f"t_{uuid.uuid4().hex[:12]}"}}
+               if request.param == "postgres" else {})
     s = ServerProcess(tmp_path / "conv", {
         "providers": [{"provider_id": "far", "provider_type": "remote::openai-compatible",
                        "config": {"base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1"}}],
-        "models": [{"model_id": "far-model", "provider_id": "far"}]})
+        "models": [{"model_id": "far-model", "provider_id": "far"}], **storage})
     s.start(timeout=120)
     yield s
     s.stop()
@@ -111,3 +115,5 @@ def test_conversations_and_background_responses_survive_kill_9(server):
     after = client.responses.retrieve(hanging.id)  # interrupted by the restart: failed, and says so
     assert after.status == "failed" and "restarted" in after.error.message and after.metadata == {"job": "1"}
     assert [i.content[0].text for i in client.responses.input_items.list(hanging.id)] == ["hello"]
+    # on PostgreSQL nothing of the stores is on local disk
+    assert (server.workdir / "store" / "agents.db").exists() == ("storage" not in server.config)

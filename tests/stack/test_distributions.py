@@ -48,6 +48,7 @@ def test_postgres_puts_vectors_on_pgvector(monkeypatch):
     by_type = {p.provider_type: p for p in cfg.providers}
     assert by_type["remote::pgvector"].config == {"dsn": "postgresql://corral:secret@db:5432/corral"}
     assert "inline::sqlite-vec" not in by_type  # every vector store goes to PostgreSQL
+    assert cfg.storage.dsn == "postgresql://corral:secret@db:5432/corral" and cfg.storage.pg_schema == "corral"
     assert INLINE in by_type and EMBEDDINGS in by_type and "inline::localfs" in by_type
     assert [m.model_id for m in cfg.models] == [MODEL, "all-MiniLM-L6-v2"]
 
@@ -222,3 +223,7 @@ def test_postgres_keeps_vector_stores_in_postgresql(pg_dsn, monkeypatch, tmp_pat
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM corral_vector_stores WHERE id = %s", (store["id"],)).fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM corral_chunks").fetchone()[0] >= 1
+        # the server's own stores are there too (storage.dsn), not in storage_dir
+        assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'corral' "
+                            "AND table_name IN ('chat_completions', 'responses', 'conversations')").fetchone()[0] == 3
+    assert not (tmp_path / "store" / "completions.db").exists() and not (tmp_path / "store" / "agents.db").exists()

@@ -50,7 +50,8 @@ def _public_tools(tools: list[dict] | None) -> list[dict]:
 class Agents:
     def __init__(self, stack, storage_dir, *, code_interpreter: SandboxConfig | None = None, web_search=None):
         self.stack = stack
-        self.store = AgentStore(storage_dir)
+        storage = getattr(getattr(stack, "cfg", None), "storage", None)  # PostgreSQL, when the run config says so
+        self.store = AgentStore(storage_dir, **(storage.store_args if storage else {}))
         self.code_interpreter = code_interpreter or SandboxConfig()
         self.web_search = web_search
         self.guardrails: list[Guardrail] = []  # the safety shields plug in here (guardrails.py)

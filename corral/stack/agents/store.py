@@ -1,4 +1,5 @@
-"""The agents' store: responses, conversations and their items, in SQLite under the storage directory.
+"""The agents' store: responses, conversations and their items, in SQLite under the storage directory
+(or PostgreSQL when the run config's `storage.dsn` is set: corral/stack/sqldb.py).
 
 One database file (`agents.db`) beside the chat-completion store, with the same durability rules:
 WAL journal, synchronous=FULL (a write is on disk when it returns, so a SIGKILL loses nothing that was
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+
+from corral.stack.sqldb import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -59,15 +61,13 @@ def _page(rows: list, limit: int, key=lambda x: x["id"]) -> dict:
 
 
 class AgentStore:
-    def __init__(self, storage_dir: str | Path):
+    def __init__(self, storage_dir: str | Path, *, dsn: str | None = None, pg_schema: str = "corral"):
+        """SQLite under `storage_dir`, or PostgreSQL when `dsn` is given (tables in schema `pg_schema`)."""
         self.path = Path(storage_dir) / "agents.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if dsn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._db = Database(SCHEMA, path=self.path, dsn=dsn, pg_schema=pg_schema, sqlite_pragmas=("foreign_keys=ON",))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="corral-agents-store")
 
     def _seq(self, table: str, column: str, value: str, extra: str = "", args: tuple = ()) -> int:
@@ -144,15 +144,10 @@ class AgentStore:
 
     def create_conversation(self, conversation: dict, items: list[dict]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
+            with self._db.transaction():
                 self._db.execute("INSERT INTO conversations (id, created_at, metadata) VALUES (?, ?, ?)",
                                  (conversation["id"], conversation["created_at"], json.dumps(conversation["metadata"])))
                 self._insert_items(conversation["id"], items)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def get_conversation(self, conversation_id: str) -> dict:
         with self._lock:
@@ -177,13 +172,8 @@ class AgentStore:
     def add_items(self, conversation_id: str, items: list[dict]) -> None:
         with self._lock:
             self._seq("conversations", "id", conversation_id)
-            self._db.execute("BEGIN")
-            try:
+            with self._db.transaction():
                 self._insert_items(conversation_id, items)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def _insert_items(self, conversation_id: str, items: list[dict]) -> None:
         self._db.executemany("INSERT INTO conversation_items (id, conversation_id, item) VALUES (?, ?, ?)",
