@@ -174,12 +174,39 @@ class FakeProvider:
         return chunks()
 
 
-class InProcessServer:
-    """`create_app` served by uvicorn on a thread, its inference provider replaced by a FakeProvider."""
+class ThreadedServer:
+    """An ASGI app served by uvicorn on a daemon thread: the tests' in-process servers."""
 
-    def __init__(self, workdir: Path, model_id: str = "fake-llm", **fake):
+    def __init__(self, app, **config):
         import uvicorn
 
+        self.port = free_port()
+        config = {"log_config": None, "log_level": "warning", **config}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 60):
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the in-process server {type(self).__name__} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class InProcessServer(ThreadedServer):
+    """`create_app` served on a thread, its inference provider replaced by a FakeProvider."""
+
+    def __init__(self, workdir: Path, model_id: str = "fake-llm", **fake):
         from corral.stack.config import RunConfig
         from corral.stack.server import create_app
 
@@ -192,27 +219,7 @@ class InProcessServer:
         self.app = create_app(cfg)
         self.stack = self.app.fastapi.state.stack
         self.fake = self.stack.providers["fake"] = FakeProvider("fake", model_id, **fake)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> InProcessServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the in-process server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(self.app)
 
 
 @pytest.fixture

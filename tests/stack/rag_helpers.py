@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
+
+from tests.stack.conftest import ThreadedServer
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
@@ -69,35 +70,12 @@ def tiny_pdf(lines: list[str]) -> bytes:
     return out
 
 
-class AppServer:
-    """`create_app(cfg)` served by uvicorn on a thread, so a test can reach into its stack (clocks, sweeps)."""
+class AppServer(ThreadedServer):
+    """`create_app(cfg)` served on a thread, so a test can reach into its stack (clocks, sweeps)."""
 
     def __init__(self, cfg):
-        import uvicorn
-
         from corral.stack.server import create_app
-        from tests.stack.conftest import free_port
 
         app = create_app(cfg)
         self.stack = app.fastapi.state.stack
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> AppServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the in-process server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(app)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from tests.stack.conftest import free_port
+from tests.stack.conftest import ThreadedServer
 
 KEY = "search-key-123"
 
@@ -79,9 +78,8 @@ class FakeSearch:
         self.httpd.server_close()
 
 
-class McpTestServer:
+class McpTestServer(ThreadedServer):
     def __init__(self, transport: str = "streamable-http"):
-        import uvicorn
         from mcp.server.mcpserver import MCPServer
 
         mcp = MCPServer("corral-test")
@@ -105,21 +103,5 @@ class McpTestServer:
                 outer.auth_headers.append(dict(scope["headers"]).get(b"authorization", b"").decode() or None)
             await app(scope, receive, send)
 
-        self.port = free_port()
+        super().__init__(recording, lifespan="on")
         self.url = f"http://127.0.0.1:{self.port}/{'sse' if transport == 'sse' else 'mcp'}"
-        self.server = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> McpTestServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the MCP test server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
