@@ -15,7 +15,6 @@ import time
 import openai
 import pytest
 
-from corral.stack.agents.tools import sandbox
 from tests.stack.agents.sdk import stream_events, validated
 from tests.stack.conftest import MODEL
 
@@ -125,7 +124,6 @@ def test_background_polling_and_cancel(client):
     assert quick.status in ("completed", "incomplete")  # the model is free again: the cancelled run stopped
 
 
-@pytest.mark.skipif(sandbox.available() is not None, reason="needs bubblewrap (CI installs it)")
 def test_code_interpreter_and_max_tool_calls(client):
     r = validated(client.responses.create(
         model=MODEL, input="Use Python to compute 6 times 7.", tools=[{"type": "code_interpreter", "container": "auto"}],

@@ -16,7 +16,12 @@ import pytest
 import corral
 from corral.stack.agents.tools.sandbox import SandboxConfig, available, run_python, seccomp_program
 
-pytestmark = pytest.mark.skipif(available() is not None, reason="needs bubblewrap (CI installs it: .ci/run)")
+
+
+@pytest.fixture(autouse=True)
+def _bubblewrap():
+    # Not a skip: these tests are the sandbox's proof, and .ci/run installs bubblewrap.
+    assert available() is None, available()
 
 CFG = SandboxConfig(timeout_s=8, cpu_s=2, memory_mb=128, max_output_bytes=4096, tmp_mb=4)
 
