@@ -1,10 +1,11 @@
-"""Corral's own CPU kernel: the int8 weight x fp32 activation matrix-vector product of the decode step.
+"""Corral's own CPU kernels: the weight x fp32 activation matrix-vector products of the decode step.
 
 torch's `_weight_int8pack_mm` streams int8 weights at 12-18 GB/s on a 2-core AVX2 machine where memory
 gives about 24; decode is that stream, so a kernel that reads a packed layout sequentially
-(int8_matvec.c, about 23-25 GB/s there) is most of a decode step's speed. The C file ships with the
-package and is compiled on first use with the system C compiler into $CORRAL_HOME/kernels (about a
-second; cached by a hash of the source and flags). Without a compiler, without AVX2/FMA, or with
+(kernels/int8.c, about 23-25 GB/s there) is most of a decode step's speed. The C files in kernels/ ship
+with the package and are compiled on first use, together, into one library with the system C compiler,
+into $CORRAL_HOME/kernels (a few seconds; cached by a hash of the sources and flags). They share one
+thread pool (kernels/pool.c). Without a compiler, without AVX2/FMA, or with
 CORRAL_CPU_KERNELS=0, `available()` is False and callers use torch's kernels: same results, slower.
 
     pack(q)                      int8 (N, K) -> the kernel's layout, (N // ROWS, K // CHUNK, ROWS, CHUNK)
@@ -33,9 +34,9 @@ from corral.paths import corral_home
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_matvec.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-shared", "-fPIC"]
-ROWS, CHUNK = 4, 16  # must match int8_matvec.c (checked when the library loads)
+SOURCES = Path(__file__).with_name("kernels")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC"]
+ROWS, CHUNK = 4, 16  # must match kernels/int8.c (checked when the library loads)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -72,14 +73,17 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("corral CPU kernels: no C compiler found (set CC); using torch's slower int8 kernels")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = corral_home() / "kernels" / f"int8_matvec-{key}.so"
+    sources = sorted(SOURCES.glob("*.c"))
+    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    for path in sorted(SOURCES.iterdir()):
+        if path.suffix in (".c", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    target = corral_home() / "kernels" / f"corral_kernels-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, sources)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("corral CPU kernels: %s failed (%s); using torch's slower int8 kernels",
                             compiler, proc.stderr.strip()[-500:])
@@ -92,6 +96,11 @@ def _build() -> ctypes.CDLL | None:
         log.warning("corral CPU kernels: %s does not match this Python module; using torch's kernels", target)
         return None
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library (declare a function's argtypes before calling it), or None."""
+    return _library()
 
 
 def _library() -> ctypes.CDLL | None:

@@ -57,7 +57,7 @@ def test_library_is_cached_in_corral_home(fresh_build):
         assert not cpu_kernels.available()
         return
     assert cpu_kernels.available()
-    built = list((fresh_build / "kernels").glob("int8_matvec-*.so"))
+    built = list((fresh_build / "kernels").glob("corral_kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     cpu_kernels._tried = False  # a second process: loads the cached file, no rebuild
