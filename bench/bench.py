@@ -1,22 +1,38 @@
-"""Prefill and decode speed of Corral vs transformers vs llama.cpp, same weights, same threads.
+"""Decode and prefill speed of Corral against llama.cpp, like for like: same weights, same format family,
+same threads, same prompt and token ids, in one run.
 
-    python bench/bench.py                                 # both models, all engines, 3 runs each
+    python bench/bench.py                                   # both models, every pair, 3 runs each
     python bench/bench.py --models smollm2 --runs 5
-    python bench/bench.py --models llama-1b --engines corral,transformers
+    python bench/bench.py --models llama-1b --variants corral-int8,llama.cpp-q8_0
+
+Pairs (each Corral variant is compared with the llama.cpp variant of the same family):
+  corral-int8       Corral's int8 (one scale per output row), quantized from the fp32/bf16 weights
+                    vs llama.cpp-q8_0  (GGUF Q8_0 of the same weights: int8, one scale per 32)
+  corral-q8_0       Corral running that same Q8_0 file, its blocks loaded as they are
+                    vs llama.cpp-q8_0
+  corral-int4       Corral's --quantize int4 (Q4_0 blocks), quantized from the fp32/bf16 weights
+                    vs llama.cpp-q4_0  (the Q4_0 file of the same weights: the same bits)
+  corral-q4_0       Corral running that same Q4_0 file    vs llama.cpp-q4_0
+  corral-q4_1       Corral running the real SmolLM2 Q4_1 file (smollm2 only)  vs llama.cpp-q4_1, the same file
+Also available: corral (fp32/bf16, not quantized) and transformers (the same weights in fp32/bf16).
 
 Models:
-  smollm2   the real SmolLM2-135M-Instruct. Corral loads the Q4_1 GGUF (dequantized to fp32);
-            transformers loads the same fp32 weights written as a Hugging Face checkpoint;
-            llama.cpp runs the Q4_1 GGUF as it is (its native path: quantized matmuls).
+  smollm2   the real SmolLM2-135M-Instruct. Its Q4_1 GGUF is the original; the fp32 weights (that file
+            dequantized) are written once to --workdir as a Hugging Face checkpoint, and the Q8_0 / Q4_0
+            files are made from them by `corral export` (the gguf package's quantizers, bit-equal to
+            llama.cpp's reference ones).
   llama-1b  the real Llama 3.2 1B architecture with random weights (seed 0) in bf16, written once to
-            --workdir as a Hugging Face checkpoint (loaded by Corral and transformers) and as an F16
-            GGUF with a synthetic vocabulary (llama.cpp; bf16 -> f16 is exact for these values).
+            --workdir as a Hugging Face checkpoint, with Q8_0 / Q4_0 GGUF files made from it the same way
+            (a synthetic vocabulary for llama.cpp: the bench feeds token ids).
 
-Each (model, engine) runs in its own process (so peak memory is its own: VmHWM, the peak resident
-set, which includes the Python + torch runtime) with --threads threads: a warm-up, then --runs runs of a
+Each variant runs in its own process (so peak memory is its own: VmHWM, the peak resident set, which
+includes the Python + torch runtime) with --threads threads: a warm-up, then --runs runs of a
 --prompt-tokens prompt (random ids, seed 0) followed by --decode-tokens greedy tokens with the stop
-tokens ignored. Prefill tokens/s = prompt tokens / time to first token; decode tokens/s = (new
-tokens - 1) / time from the first to the last new token. Medians are reported.
+tokens ignored. Prefill tokens/s = prompt tokens / time to first token; decode tokens/s = (new tokens - 1)
+/ time from the first to the last new token. The table shows medians and the spread (min-max) of the runs.
+
+Memory bandwidth is measured in the same run (Corral's read kernel, --threads threads, a 512 MiB buffer,
+best of 5): "% of bandwidth" is the weight bytes a decode step reads x decode tokens/s / that limit.
 """
 
 from __future__ import annotations
@@ -30,8 +46,23 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("corral", "corral-int8", "transformers", "llama.cpp")
+# The environment each variant's process starts with: this one's before anything imports corral, which sets
+# OMP_WAIT_POLICY=PASSIVE for its own process (llama.cpp's OpenMP threads run with their own default).
+ENVIRONMENT = dict(os.environ)
+
 MODELS = ("smollm2", "llama-1b")
+# variant -> (engine, weights file, Corral's quantize option)
+VARIANTS = {
+    "corral-int8": ("corral", "float", "int8"), "corral-q8_0": ("corral", "q8_0", None),
+    "corral-int4": ("corral", "float", "int4"), "corral-q4_0": ("corral", "q4_0", None),
+    "corral-q4_1": ("corral", "q4_1", None),
+    "llama.cpp-q8_0": ("llama.cpp", "q8_0", None), "llama.cpp-q4_0": ("llama.cpp", "q4_0", None),
+    "llama.cpp-q4_1": ("llama.cpp", "q4_1", None),
+    "corral": ("corral", "float", None), "transformers": ("transformers", "float", None),
+}
+PAIRS = {"corral-int8": "llama.cpp-q8_0", "corral-q8_0": "llama.cpp-q8_0", "corral-int4": "llama.cpp-q4_0",
+         "corral-q4_0": "llama.cpp-q4_0", "corral-q4_1": "llama.cpp-q4_1"}
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("corral", "transformers")]
 
 
 # --- preparing the weights -------------------------------------------------------------------------------
@@ -156,8 +187,22 @@ def write_gguf(state_dict: dict, config, path: Path) -> None:
     w.close()
 
 
+def export_gguf(source: Path, out: Path, qtype: str) -> Path:
+    """A Q8_0 / Q4_0 GGUF of a checkpoint directory, made once by `corral export`."""
+    if not out.is_file():
+        print(f"bench: corral export {source.name} -> {out.name} ({qtype})...", file=sys.stderr, flush=True)
+        corral = Path(sys.executable).with_name("corral")  # the console script of this environment
+        proc = subprocess.run([str(corral), "export", str(source), str(out), "--type", qtype, "--force"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"corral export failed: {proc.stderr[-1000:]}")
+    return out
+
+
 def prepare(model: str, workdir: Path) -> dict[str, Path]:
-    """Paths each engine loads for `model`, written once into workdir."""
+    """The weights files of `model` by kind ("float", "q8_0", "q4_0", "q4_1"), written once into workdir; also
+    by engine for bench/serve_bench.py ("corral", "transformers": the float weights; "llama.cpp": the Q4_1
+    file, or an F16 GGUF of the random 1B)."""
     from corral.checkpoints.download import ensure_default_model
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,20 +215,54 @@ def prepare(model: str, workdir: Path) -> dict[str, Path]:
             from corral.checkpoints import load_checkpoint
 
             ckpt = load_checkpoint(gguf_path)
-            write_hf_checkpoint(ckpt.state_dict, ckpt.config, hf_dir, torch.float32)
-        return {"corral": gguf_path, "corral-int8": gguf_path, "transformers": hf_dir, "llama.cpp": gguf_path}
-    hf_dir, gguf_path = workdir / "llama-1b-random-hf-bf16", workdir / "llama-1b-random-f16.gguf"
-    if not (hf_dir / "model.safetensors").is_file() or not gguf_path.is_file():
-        import torch
+            write_hf_checkpoint({k: v.float() for k, v in ckpt.state_dict.items()}, ckpt.config, hf_dir, torch.float32)
+        files = {"float": hf_dir, "q4_1": gguf_path, "llama.cpp": gguf_path}
+    else:
+        hf_dir, f16 = workdir / "llama-1b-random-hf-bf16", workdir / "llama-1b-random-f16.gguf"
+        if not (hf_dir / "model.safetensors").is_file() or not f16.is_file():
+            import torch
 
-        print("bench: writing the random Llama 3.2 1B weights (HF safetensors + F16 GGUF)...", file=sys.stderr)
-        config, state = random_llama_1b()
-        write_hf_checkpoint(state, config, hf_dir, torch.bfloat16)
-        write_gguf(state, config, gguf_path)
-    return {"corral": hf_dir, "corral-int8": hf_dir, "transformers": hf_dir, "llama.cpp": gguf_path}
+            print("bench: writing the random Llama 3.2 1B weights (HF safetensors, F16 GGUF)...", file=sys.stderr)
+            config, state = random_llama_1b()
+            write_hf_checkpoint(state, config, hf_dir, torch.bfloat16)
+            write_gguf(state, config, f16)
+        files = {"float": hf_dir, "llama.cpp": f16}
+        tokenized = with_llama3_tokenizer(hf_dir, workdir / "llama-1b-random-tokenized")
+    for qtype in ("q8_0", "q4_0"):
+        # from a checkpoint with a tokenizer: SmolLM2's GGUF (dequantized to the same fp32 weights, re-encoded),
+        # the 1B's bf16 checkpoint beside Meta's Llama 3 tokenizer
+        source = files["llama.cpp"] if model == "smollm2" else tokenized
+        files[qtype] = export_gguf(source, workdir / f"{model}-{qtype}.gguf", qtype)
+    return files | {"corral": hf_dir, "transformers": hf_dir}
 
 
-# --- one engine, in its own process ----------------------------------------------------------------------
+def with_llama3_tokenizer(hf_dir: Path, out: Path) -> Path:
+    """hf_dir's weights (linked) beside Meta's Llama 3 tokenizer.model from the llama-models wheel."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        raise RuntimeError("llama-1b needs the llama-models package (Meta's Llama 3 tokenizer.model)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        if not (out / name).exists():
+            (out / name).symlink_to(hf_dir / name)
+    if not (out / "tokenizer.model").is_file():
+        shutil.copy(Path(spec.origin).parent / "llama3" / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    """Bytes of the tensors a llama.cpp decode step reads: all but the token embedding, unless it is the head."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or tied)
+
+
+# --- one variant, in its own process ---------------------------------------------------------------------
 
 def prompt_ids(n: int, vocab: int) -> list[int]:
     import random
@@ -192,35 +271,52 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, min(vocab, 32000)) for _ in range(n)]
 
 
-def run_corral(path, args, dtype, quantize=None):
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of all the model's tensors, bytes a decode step reads: all but an untied token embedding)."""
     import torch
 
+    seen, total, embedding = set(), 0, 0
+    emb = getattr(model, "tok_embeddings", None)
+    emb_ptrs = {t.data_ptr() for t in emb.state_dict().values()} if emb is not None else set()
+    head_ptrs = {t.data_ptr() for t in model.output.state_dict().values()} if hasattr(model, "output") else set()
+    for module in model.modules():
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+                if t.data_ptr() in emb_ptrs and t.data_ptr() not in head_ptrs:
+                    embedding += t.nbytes
+    return total, total - embedding
+
+
+def run_corral(path, args, quantize):
     from corral.checkpoints import load_model
     from corral.engine.generate import generate_tokens
     from corral.engine.sampling import SamplingParams
 
-    model, _ = load_model(path, dtype=dtype, quantize=quantize)
+    model, _ = load_model(path, quantize=quantize)
+    total, decode = model_bytes(model)
     prompt = prompt_ids(args.prompt_tokens, model.config.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
 
     def once(ids, p):
         t0 = time.perf_counter()
-        steps = generate_tokens(model, ids, p)
+        steps = generate_tokens(model, ids, p, kv_cache_mb=64)
         next(steps)
         t1 = time.perf_counter()
         n = 1 + sum(1 for _ in steps)
         return t0, t1, time.perf_counter(), n
 
     once(prompt[:32], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    return [once(prompt, params) for _ in range(args.runs)]
+    return [once(prompt, params) for _ in range(args.runs)], total, decode
 
 
-def run_transformers(path, args, dtype):
+def run_transformers(path, args, quantize):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     prompt = prompt_ids(args.prompt_tokens, model.config.vocab_size)
 
     class Clock(BaseStreamer):  # put() is called with the prompt, then with every new token
@@ -244,10 +340,11 @@ def run_transformers(path, args, dtype):
         return t0, clock.times[1], clock.times[-1], n
 
     once(prompt[:32], 4)
-    return [once(prompt, args.decode_tokens) for _ in range(args.runs)]
+    total = sum(p.nbytes for p in model.parameters())
+    return [once(prompt, args.decode_tokens) for _ in range(args.runs)], total, total
 
 
-def run_llama_cpp(path, args, dtype):
+def run_llama_cpp(path, args, quantize):
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=args.prompt_tokens + args.decode_tokens + 64, n_batch=args.prompt_tokens,
@@ -271,27 +368,40 @@ def run_llama_cpp(path, args, dtype):
         return t0, t1, t2, n
 
     once(prompt[:32], 4)
-    return [once(prompt, args.decode_tokens) for _ in range(args.runs)]
+    return [once(prompt, args.decode_tokens) for _ in range(args.runs)], Path(path).stat().st_size, \
+        gguf_decode_bytes(Path(path))
 
 
 def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    engine, _, quantize = VARIANTS[args.child]
     start = time.perf_counter()
-    if args.child == "corral-int8":  # weight-only int8, fp32 activations (its default): Corral's decode kernel
-        runs = run_corral(args.path, args, None, quantize="int8")
-    else:
-        runner = {"corral": run_corral, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.child]
-        runs = runner(args.path, args, dtype)
+    runner = {"corral": run_corral, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[engine]
+    runs, weight_bytes, decode_bytes = runner(args.path, args, quantize)
     prefill = [args.prompt_tokens / (t1 - t0) for t0, t1, t2, n in runs]
     decode = [(n - 1) / (t2 - t1) for t0, t1, t2, n in runs]
     assert all(n == args.decode_tokens for *_, n in runs), [n for *_, n in runs]
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
     status = Path("/proc/self/status").read_text()
     peak_mb = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
-    print(json.dumps(dict(prefill=prefill, decode=decode, peak_mb=peak_mb, total_s=time.perf_counter() - start)))
+    print(json.dumps(dict(prefill=prefill, decode=decode, peak_mb=peak_mb, weight_bytes=weight_bytes,
+                          decode_bytes=decode_bytes, total_s=time.perf_counter() - start)))
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of streaming reads with this many threads (Corral's kernel library), or 0 where it is missing."""
+    import ctypes
+
+    from corral.engine import cpu_kernels
+
+    lib = cpu_kernels.library()
+    if lib is None:
+        return 0.0
+    lib.corral_read_bandwidth.restype = ctypes.c_double
+    lib.corral_read_bandwidth.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    return lib.corral_read_bandwidth(512 << 20, threads, 5)
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -299,69 +409,73 @@ def child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {ENGINES}")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per engine (median reported)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per variant (median and spread reported)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "corral-bench")
     p.add_argument("--json", type=Path, help="also write the raw results here")
-    p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
-    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
 
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth(args.threads)
+    print(f"bench: memory read bandwidth {bandwidth:.1f} GB/s with {args.threads} threads", file=sys.stderr)
     results = []
     for model in args.models.split(","):
-        paths = prepare(model, args.workdir)
-        dtype = "bf16" if model == "llama-1b" else "fp32"
-        weights_mb = None
-        if model == "llama-1b":
-            from corral.models.config import get_config
-
-            weights_mb = get_config("Llama-3.2-1B").n_params * 2 / 2**20
-        for engine in args.engines.split(","):
-            cmd = [sys.executable, __file__, "--child", engine, "--path", str(paths[engine]), "--dtype", dtype,
+        files = prepare(model, args.workdir)
+        for variant in args.variants.split(","):
+            kind = VARIANTS[variant][1]
+            if kind not in files:
+                continue
+            cmd = [sys.executable, __file__, "--child", variant, "--path", str(files[kind]),
                    "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens),
                    "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
-            print(f"bench: {model} / {engine} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            print(f"bench: {model} / {variant} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=ENVIRONMENT)
             if proc.returncode != 0:
-                print(f"bench: {model} / {engine} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                print(f"bench: {model} / {variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r.update(model=model, engine=engine, dtype=dtype, weights_mb=weights_mb)
+            r.update(model=model, variant=variant)
             print(f"bench:   prefill {statistics.median(r['prefill']):.1f} tok/s, "
                   f"decode {statistics.median(r['decode']):.2f} tok/s, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
             results.append(r)
+    bandwidth_after = read_bandwidth(args.threads)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    print(table(results, args))
+        args.json.write_text(json.dumps(dict(bandwidth_gbps=[bandwidth, bandwidth_after], results=results), indent=2))
+    print(table(results, args, bandwidth, bandwidth_after))
 
 
-def table(results: list[dict], args) -> str:
-    med = {(r["model"], r["engine"]): r for r in results}
+def spread(values: list[float], digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def table(results: list[dict], args, bandwidth: float, bandwidth_after: float) -> str:
+    by = {(r["model"], r["variant"]): r for r in results}
     lines = [f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} greedy new tokens, {args.threads} threads, "
-             f"median of {args.runs} runs",
+             f"median (min-max) of {args.runs} runs; memory read bandwidth {bandwidth:.1f} GB/s before, "
+             f"{bandwidth_after:.1f} after",
              "",
-             "| model | engine | prefill tok/s | decode tok/s | decode vs transformers | decode vs llama.cpp | peak RSS |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | variant | prefill tok/s | decode tok/s | decode vs pair | prefill vs pair | % of bandwidth "
+             "| weights | peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        dec = statistics.median(r["decode"])
-        ratio = {}
-        for other in ("transformers", "llama.cpp"):
-            o = med.get((r["model"], other))
-            ratio[other] = f"{dec / statistics.median(o['decode']):.2f}x" if o else "-"
-        peak = f"{r['peak_mb'] / 1024:.2f} GB"
-        if r["weights_mb"]:
-            peak += f" ({r['peak_mb'] / r['weights_mb']:.2f}x weights)"
-        name = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama-3.2-1B (random)"}[r["model"]]
-        engine = r["engine"] + (" (Q4_1 file)" if r["model"] == "smollm2" and r["engine"] == "llama.cpp" else "")
-        engine = engine.replace("corral-int8", "corral --quantize int8")
-        lines.append(f"| {name} ({r['dtype']}) | {engine} | {statistics.median(r['prefill']):.1f} | {dec:.2f} | "
-                     f"{ratio['transformers']} | {ratio['llama.cpp']} | {peak} |")
+        dec, pre = statistics.median(r["decode"]), statistics.median(r["prefill"])
+        pair = by.get((r["model"], PAIRS.get(r["variant"], "")))
+        vs_dec = f"{dec / statistics.median(pair['decode']):.2f}x" if pair else "-"
+        vs_pre = f"{pre / statistics.median(pair['prefill']):.2f}x" if pair else "-"
+        share = f"{100 * r['decode_bytes'] * dec / (bandwidth * 1e9):.0f}%" if bandwidth else "-"
+        peak = f"{r['peak_mb']:.0f} MB ({r['peak_mb'] * 2**20 / r['weight_bytes']:.2f}x)"
+        name = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama-3.2-1B shape"}[r["model"]]
+        lines.append(f"| {name} | {r['variant']} | {spread(r['prefill'], 1)} | {spread(r['decode'], 1)} | {vs_dec} | "
+                     f"{vs_pre} | {share} | {r['weight_bytes'] / 2**20:.0f} MiB | {peak} |")
     return "\n".join(lines)
 
 

@@ -117,18 +117,23 @@ class LLM:
     def load(cls, model: str | Path = DEFAULT_MODEL, *, dtype=None, device="cpu", quantize: str | None = None,
              kv_cache_mb: int | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
              max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None,
-             adapter: str | Path | None = None) -> LLM:
+             adapter: str | Path | None = None, threads: int | None = None) -> LLM:
         """A registry name (e.g. "SmolLM2-135M-Instruct", "Llama-3.2-1B-Instruct"), a checkpoint directory
-        (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; fp32 for quantized GGUF),
-        "bf16", "fp16", "fp32" or a torch.dtype. quantize="int8": weight-only int8, the fastest CPU decode;
-        "int4": GGUF Q4_0 blocks for the blocks' linears (smallest; a reference forward, not yet fast).
+        (Hugging Face or Meta) or a .gguf file. dtype: None (the file's; a GGUF file's Q8_0 / Q4_0 / Q4_1
+        weights stay in their blocks, with fp32 activations), "bf16", "fp16", "fp32" or a torch.dtype (which
+        dequantizes a GGUF file). quantize="int8": weight-only int8 per channel; "int4" (= "q4_0"), "q4_1",
+        "q8_0": the blocks' linears in GGUF blocks of 32, head and embeddings int8 (corral/engine/qblock.py).
 
         The engine: kv_cache_mb is the KV-cache pool's memory (default: a fifth of the free memory, at
         most 8 GiB, no more than max_num_seqs full contexts); max_num_seqs sequences run together, with at
         most max_batch_tokens tokens per step (long prompts are prefilled in chunks of that size);
         context_length caps prompt + generation below the model's own context. adapter: a PEFT LoRA adapter
-        directory (`corral finetune`), merged into the weights at load time (then quantized, with quantize)."""
+        directory (`corral finetune`), merged into the weights at load time (then quantized, with quantize).
+        threads: CPU threads (default: the cores other processes are not using, corral/engine/threads.py)."""
         from corral.checkpoints import load_model, load_tokenizer
+        from corral.engine.threads import use_threads
+
+        use_threads(threads)
 
         if adapter is not None:  # a PEFT LoRA adapter, merged into the weights at load time
             from corral.customize.lora import load_model_with_adapter

@@ -5,18 +5,26 @@ The canonical state dict is the one of `corral.models.llama.Transformer`: Meta's
 rotary order, `output.weight` left out when the embeddings are tied. Loaders:
     hf.py    Hugging Face `config.json` + safetensors (single or sharded); q/k un-permuted here
     meta.py  Meta `params.json` + `consolidated.NN.pth` (model-parallel shards merged)
-    gguf.py  llama.cpp GGUF, memory-mapped, quantized tensors dequantized to fp32
+    gguf.py  llama.cpp GGUF, memory-mapped; Q8_0/Q4_0/Q4_1 kept in their blocks (packed), others dequantized
     mllama.py  the vision model (HF `mllama`, Meta params with `vision_chunk_size`), delegated to
 `load_model` builds the model on the meta device and assigns the loaded tensors, so a 1B checkpoint
 never first allocates random weights. The file's numbers make the config; a matching registry entry
 (same architecture numbers) only adds what a file does not carry: name, chat format, hub repo.
+
+Memory: a page of a memory-mapped file stays in the resident set once read, until the whole file is
+unmapped. The loaders drop the pages of each tensor once it is copied or quantized (`release_file_pages`),
+and quantize and pack a block of rows at a time (`assign_int8_streamed`), so an int8 load peaks near its
+int8 weights (1B, bf16 file: 1.02x of them above the Python + torch runtime, where it was 3.8x).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from corral.checkpoints.errors import CheckpointError
 from corral.models.config import LLAMA3_VOCAB_SIZE, ModelConfig, known_models
@@ -43,6 +52,8 @@ class Checkpoint:
     # How the checkpoint was made (corral prune / quantize / finetune ...): recipe.json, the safetensors
     # header or the GGUF key corral.recipe (corral/checkpoints/save.py); None for other checkpoints.
     recipe: dict | None = field(default=None, repr=False)
+    # Tensors kept as GGUF blocks (load_gguf(packed=True)): canonical name -> GGML type (engine/qblock.py).
+    block_types: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 # Numbers that identify an architecture; a registry entry must agree on all of them.
@@ -106,17 +117,20 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint: a directory with config.json (HF) or params.json (Meta), or a .gguf file."""
+def load_checkpoint(path: str | os.PathLike, *, packed: bool = False) -> Checkpoint:
+    """Read a checkpoint: a directory with config.json (HF) or params.json (Meta), or a .gguf file.
+
+    packed: a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors stay in their blocks (gguf.py); by default every
+    tensor is a float one."""
     from corral.checkpoints.save import read_recipe
 
-    checkpoint = _load_checkpoint(path)
+    checkpoint = _load_checkpoint(path, packed)
     if getattr(checkpoint, "format", None) in ("hf", "gguf"):
         checkpoint.recipe = read_recipe(checkpoint)
     return checkpoint
 
 
-def _load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def _load_checkpoint(path: str | os.PathLike, packed: bool = False) -> Checkpoint:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -155,7 +169,7 @@ def _load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               "with config.json (Hugging Face) or params.json (Meta)")
     from corral.checkpoints.gguf import load_gguf
 
-    return load_gguf(path)
+    return load_gguf(path, packed)
 
 
 def load_tokenizer(checkpoint: Checkpoint):
@@ -202,10 +216,118 @@ def resolve_dtype(dtype, checkpoint: Checkpoint) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype") from None
 
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "q4_0", "q4_1", "q8_0")
+# The block schemes: the transformer blocks' linears in this GGUF block type (int4 is Q4_0's other name).
+BLOCK_QUANTIZATIONS = {"int4": "q4_0", "q4_0": "q4_0", "q4_1": "q4_1", "q8_0": "q8_0"}
+# Rows of a weight quantized at a time by the loader (assign_int8_streamed): blocks of at most this many
+# elements, in one fp32 buffer (8 MB). 0.5M to 4M quantize at the same speed.
+LOAD_BLOCK_ELEMENTS = 1 << 21
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", quantize: str | None = None):
+class SkipInit(TorchFunctionMode):
+    """Skip the torch.nn.init calls of module constructors: every weight is about to come from the file.
+
+    On the meta device they compute nothing anyway, but the first `normal_` there (nn.Embedding's) imports
+    torch's Python decompositions and sympy: ~800 modules, 66 MB of resident memory for the process's life.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else next(iter(kwargs.values()))  # the tensor, as the in-place init returns it
+        return func(*args, **(kwargs or {}))
+
+
+def _file_mapping_holds(start: int, end: int) -> bool:
+    """Whether bytes start..end of this process lie in one memory-mapped file (per /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, _, hi = fields[0].partition("-")
+                if int(lo, 16) <= start and end <= int(hi, 16):
+                    # inode 0 or a pseudo-path ([heap], [stack]): anonymous memory
+                    return fields[4] != "0" and len(fields) == 6 and not fields[5].startswith("[")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def release_file_pages(t: Tensor) -> None:
+    """Drop t's pages from the resident set where t is read from a memory-mapped file and will not be read again.
+
+    A page of a mapped file (safetensors, torch.load(mmap=True)) that has been read counts in the process's
+    RSS until the mapping goes, and the mapping goes with the file's last tensor: converting a checkpoint
+    tensor by tensor would otherwise end with the whole file resident beside the converted weights.
+    madvise(MADV_DONTNEED) drops the pages; a clean page of a file mapping is read from the file again if
+    anything touches it, so no value changes. Only whole pages inside t, and only inside a file mapping:
+    on anonymous memory (a copy) DONTNEED would zero the bytes, and freeing that is the allocator's job.
+    """
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return
+    page, ptr, nbytes = mmap.PAGESIZE, t.data_ptr(), t.numel() * t.element_size()
+    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page  # the whole pages inside t
+    if end <= start or not _file_mapping_holds(ptr, ptr + nbytes):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+
+
+def trim_heap() -> None:
+    """Give the allocator's free memory back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed blocks in its heaps for reuse, and a heap only shrinks from its top: a load that
+    interleaves short-lived blocks (float copies, a quantization buffer) with long-lived ones (int8
+    tables) would keep their free memory in its RSS (500 MB at the 1B's end with the former loader).
+    malloc_trim(0) also returns free pages inside the heaps.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # a C library without malloc_trim (musl)
+            pass
+
+
+@torch.no_grad()
+def assign_int8_streamed(table, weight: Tensor, dtype: torch.dtype) -> None:
+    """`assign_int8` for a weight read from a checkpoint: quantized and packed a block of rows at a time.
+
+    assign_int8 holds the plain int8 matrix and its packed copy together for a moment, and reads the whole
+    float weight first: for the 1B head (128256 x 2048) that is 250 MB int8 twice plus 500 MB of bf16 file
+    pages. Here each block of rows is quantized in one reused fp32 buffer, written into its place in the
+    packed matrix (the CPU kernel's layout keeps each group of cpu_kernels.ROWS rows contiguous) and its
+    file pages dropped, so the loader holds one block beside the int8 weights and allocates no per-block
+    temporaries (whose freed memory the allocator would otherwise keep, tens of MB at times).
+    The arithmetic is quantize_weight's, op for op (max|w| as max(max w, -min w), the same value): the
+    values are assign_int8's bit for bit (tests/checkpoints/test_load_memory.py checks it).
+    """
+    from corral.engine import cpu_kernels
+    from corral.engine.quantize import assign_int8
+
+    n, k = weight.shape
+    if weight.device.type != "cpu" or not cpu_kernels.fits(n, k) or not cpu_kernels.available():
+        assign_int8(table, weight, dtype)
+        release_file_pages(weight)
+        return
+    group, chunk = cpu_kernels.ROWS, cpu_kernels.CHUNK
+    rows = min(n, max(1, LOAD_BLOCK_ELEMENTS // k // group) * group)  # whole groups of the packed layout
+    packed = torch.empty(n // group, k // chunk, group, chunk, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    buffer = torch.empty(rows, k, dtype=torch.float32)
+    for i in range(0, n, rows):
+        block = weight[i: i + rows]
+        r = block.shape[0]
+        w, s = buffer[:r].copy_(block), scales[i: i + r]  # (r, k) fp32, (r,)
+        torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_(), out=s).clamp_(min=1e-12).div_(127.0)
+        w.div_(s[:, None]).round_().clamp_(-127, 127)
+        # pack: (r, k) -> (r / group, k / chunk, group, chunk), cast to int8 on the way
+        packed[i // group: (i + r) // group].copy_(w.view(r // group, group, k // chunk, chunk).transpose(1, 2))
+        release_file_pages(block)
+    scales = scales.to(dtype)
+    table.weight, table.scales, table.packed, table.packed_scales = None, scales, packed, scales.float()
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", quantize: str | None = None,
+               packed: bool = True):
     """A registry name, directory or .gguf file -> (model in eval mode, Checkpoint).
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no random
@@ -214,8 +336,13 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     quantize="int8": weight-only int8 with per-channel scales for every Linear, the output head included
     (corral/engine/quantize.py), each weight quantized and its float tensor freed as it is assigned, then
     packed for Corral's CPU decode kernel; activations default to fp32 on the CPU.
-    quantize="int4": the transformer blocks' linears in GGUF Q4_0 blocks of 32 (corral/engine/int4.py), the
-    head and embeddings int8 as above. A checkpoint written by `corral quantize` loads its own scheme.
+    quantize="int4" (or "q4_0"), "q4_1", "q8_0": the transformer blocks' linears in that GGUF block type
+    (corral/engine/qblock.py, the kernel for decode), the head and embeddings int8 as above. A checkpoint
+    written by `corral quantize` loads its own scheme.
+    A GGUF file loads as it is: its Q8_0 / Q4_0 / Q4_1 weights stay in their blocks (BlockLinear, and a
+    BlockEmbedding for the token embeddings), other quantized types are dequantized, activations and
+    norms are fp32. An explicit dtype, a quantize, or packed=False dequantizes every tensor instead
+    (what comparisons with float references, export and training want).
     """
     from corral.checkpoints.download import resolve_model
     from corral.engine.quantize import pack_for_cpu
@@ -223,7 +350,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
     path = resolve_model(name_or_path)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, packed=packed and dtype is None and quantize is None)
     config = checkpoint.config
     if (checkpoint.metadata.get("quantization_config") or {}).get("quant_method") == "corral":
         # written by `corral quantize`: the int8 / int4 modules are built from the file's own tensors
@@ -235,9 +362,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
         model = load_quantized_model(checkpoint, dtype=None if dtype is None else resolve_dtype(dtype, checkpoint),
                                      device=device)
         return model, dataclasses.replace(checkpoint, state_dict={})
-    if config.family == "mllama" and quantize == "int4":
-        raise ValueError("quantize='int4' is not supported for vision models; use int8")
-    if dtype is None and quantize in ("int8", "int4") and torch.device(device).type == "cpu" and config.family != "mllama":
+    if config.family == "mllama" and quantize in BLOCK_QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not supported for vision models; use int8")
+    if dtype is None and quantize is not None and torch.device(device).type == "cpu" and config.family != "mllama":
         # int8 weights with fp32 activations: the decode kernel computes in fp32 anyway, and on CPUs without
         # native bf16 the fp32 prefill GEMMs and attention are several times faster than bf16 ones.
         dtype = torch.float32
@@ -254,22 +381,29 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
         from corral.models.vision import MllamaTransformer as model_class
     else:
         from corral.models.llama import Transformer as model_class
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInit():
         model = model_class(config)
     source = checkpoint.state_dict
     tied = config.tie_embeddings and config.family != "mllama"
     head_from_embeddings = tied and "output.weight" not in source
     to_load, quantized = {}, set()
-    if quantize in ("int8", "int4"):
-        from corral.engine.quantize import Int8Embedding, assign_int8, int8_linear_names, swap_int8_linears, \
-            tie_int8_embeddings
+    if checkpoint.block_types:  # a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors as they are (engine/qblock.py)
+        from corral.engine.qblock import assign_gguf_blocks
+
+        quantized |= assign_gguf_blocks(model, source, checkpoint.block_types, dtype)
+    if quantize is not None:
+        from corral.engine.quantize import Int8Embedding, int8_linear_names, swap_int8_linears, tie_int8_embeddings
 
         names = int8_linear_names(model)
-        if quantize == "int4":  # the blocks' linears in GGUF Q4_0 blocks; head and embeddings int8 (engine/int4.py)
+        if quantize != "int8":  # the blocks' linears in GGUF blocks; head and embeddings int8 (engine/int4.py)
             from corral.engine.int4 import assign_int4, int4_linear_names
 
             int4_names = int4_linear_names(model)
-            quantized |= assign_int4(model, source, int4_names, "q4_0")
+            for name in int4_names:  # one at a time, to drop each float tensor's file pages once it is quantized
+                weight = source.get(name + ".weight")
+                quantized |= assign_int4(model, source, [name], BLOCK_QUANTIZATIONS[quantize])
+                if weight is not None:
+                    release_file_pages(weight)
             names = [n for n in names if n not in int4_names]
         swap_int8_linears(model, names, dtype)
         for name in names:
@@ -277,7 +411,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
             # Quantized (and packed) as popped, so each float tensor is dropped once its int8 copy exists.
             weight = source.pop(key, None)
             if weight is not None:  # a missing tensor is reported below
-                assign_int8(model.get_submodule(name), weight, dtype)
+                assign_int8_streamed(model.get_submodule(name), weight, dtype)
+                del weight
+                trim_heap()
                 quantized |= {name + ".weight", name + ".scales"}
         if tied and "output.weight" in quantized:  # the embedding reads the head's int8 table
             source.pop("tok_embeddings.weight", None)
@@ -285,13 +421,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
             quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
         elif config.family != "mllama" and "tok_embeddings.weight" in source:  # an int8 table of its own
             model.tok_embeddings = Int8Embedding(config.vocab_size, config.dim, dtype, device="meta")
-            assign_int8(model.tok_embeddings, source.pop("tok_embeddings.weight"), dtype)
+            assign_int8_streamed(model.tok_embeddings, source.pop("tok_embeddings.weight"), dtype)
             quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
     for name in list(source):
         tensor = source.pop(name)
         to_load[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if to_load[name] is not tensor:  # converted: the file's copy is not needed any more
+            release_file_pages(tensor)
     # With int8 the tensors are in the model (packed where the CPU kernel runs): model.state_dict() has them.
-    loaded = {} if quantize else dict(to_load)
+    loaded = {} if quantize or checkpoint.block_types else dict(to_load)
     if head_from_embeddings and not quantize and "tok_embeddings.weight" in to_load:
         to_load["output.weight"] = to_load["tok_embeddings.weight"]
     try:
@@ -302,7 +440,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: missing {', '.join(missing) or '-'}; "
                               f"unexpected {', '.join(unexpected) or '-'}")
-    if tied and not quantize:  # assign=True replaced the shared parameter: tie it again
+    if tied and not quantize and "output.weight" not in quantized:  # assign=True replaced the shared parameter
         model.output.weight = model.tok_embeddings.weight
     model = model.to(device).eval()
     if quantize is None and dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":

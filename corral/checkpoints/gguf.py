@@ -1,9 +1,16 @@
 """GGUF (llama.cpp) checkpoints of architecture `llama` -> Corral's canonical state dict.
 
-The file is memory-mapped by the `gguf` package's GGUFReader; F32/F16 tensors are used in place,
-quantized ones (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantized to fp32 with `gguf.quants`.
+The file is memory-mapped by the `gguf` package's GGUFReader; F32/F16 tensors are used in place.
+Quantized tensors: with `packed=True` (what `load_model` asks for unless given a dtype or a quantize),
+the 2-D Q8_0, Q4_0 and Q4_1 ones stay as the file's bytes, uint8 (rows, row bytes) views of the map,
+their GGML types in `Checkpoint.block_types`, and become BlockLinear / BlockEmbedding modules
+(corral/engine/qblock.py): an 8B Q4 file stays ~4.5 GB instead of 32 GB of fp32. Every other quantized
+type (Q4_K, Q6_K, ...) is dequantized to fp32 with `gguf.quants`, and the loader logs which ones were;
+with packed=False (`load_checkpoint`'s default: export, quantize, pruning and training want floats),
+all of them are.
 q/k rows are already in Meta's interleaved rotary order: llama.cpp's converter applies the same
-permutation as Meta -> HF's inverse (`LlamaModel.permute`), so no un-permuting here.
+permutation as Meta -> HF's inverse (`LlamaModel.permute`), so no un-permuting here (and packed rows,
+whole rows of blocks, are used as they are).
 
 llama.cpp stores the llama3 rope scaling not as metadata but as a `rope_freqs.weight` tensor of
 per-frequency divisors (head_dim/2,). We recover the `RopeScaling` it came from (factor = the largest
@@ -12,6 +19,8 @@ divisor, the usual 1/4/8192 band) and check that it reproduces the tensor; anyth
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,9 @@ IGNORED = {"rope_freqs.weight"}  # turned into config.rope_scaling
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K"}
 FLOAT_FILE_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
+PACKED_TYPES = {"Q8_0", "Q4_0", "Q4_1"}  # kept in their blocks with packed=True (corral/engine/qblock.py)
+
+log = logging.getLogger(__name__)
 
 
 def canonical_name(gguf_name: str) -> str | None:
@@ -114,7 +126,8 @@ def _file_quantization(metadata: dict, types: list[str]) -> str | None:
     return max(set(quantized), key=quantized.count) if quantized else None
 
 
-def load_gguf(path: Path) -> Checkpoint:
+def load_gguf(path: Path, packed: bool = False) -> Checkpoint:
+    """packed: keep the 2-D Q8_0 / Q4_0 / Q4_1 tensors as their blocks (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -183,11 +196,25 @@ def load_gguf(path: Path) -> Checkpoint:
     shapes = {canonical_name(n): tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()
               if n not in IGNORED}
     check_tensors(shapes, config, path, _gguf_name)
-    state_dict = {canonical_name(n): _to_torch(t, path).reshape(shapes[canonical_name(n)])
-                  for n, t in tensors.items() if n not in IGNORED}
+    state_dict, block_types, dequantized = {}, {}, Counter()
+    for n, t in tensors.items():
+        if n in IGNORED:
+            continue
+        name, kind = canonical_name(n), t.tensor_type.name
+        if packed and kind in PACKED_TYPES and len(shapes[name]) == 2:
+            state_dict[name] = torch.from_numpy(t.data)  # (rows, row bytes) uint8: a view of the memory map
+            block_types[name] = int(t.tensor_type)
+            continue
+        if packed and kind not in ("F32", "F16", "BF16"):
+            dequantized[kind] += 1
+        state_dict[name] = _to_torch(t, path).reshape(shapes[name])
+    if dequantized:
+        log.warning("%s: %s dequantized to fp32 (Corral keeps only %s in their blocks)", path.name,
+                    ", ".join(f"{count} {kind} tensors" for kind, count in sorted(dequantized.items())),
+                    ", ".join(sorted(PACKED_TYPES)))
 
     chat_template = metadata.get("tokenizer.chat_template")
     config = match_registry(config, path.stem, chat_template)
     return Checkpoint(config=config, state_dict=state_dict, path=path, format="gguf",
                       quantization=_file_quantization(metadata, [t.tensor_type.name for t in reader.tensors]),
-                      chat_template=chat_template, metadata=metadata)
+                      chat_template=chat_template, metadata=metadata, block_types=block_types)

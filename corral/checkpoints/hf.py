@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from corral.checkpoints import Checkpoint, match_registry, read_json
+from corral.checkpoints import Checkpoint, match_registry, read_json, release_file_pages
 from corral.checkpoints.errors import CheckpointError, check_tensors
 from corral.models.config import ModelConfig, RopeScaling
 
@@ -156,10 +156,10 @@ def load_hf(directory: Path) -> Checkpoint:
             t = handles[file].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}, the file is truncated or corrupt ({e})") from None
-        if ours.endswith("attention.wq.weight"):
-            t = unpermute(t, config.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            t = unpermute(t, config.n_kv_heads)
+        if ours.endswith(("attention.wq.weight", "attention.wk.weight")):  # a copy: the file's pages can go
+            mapped = t
+            t = unpermute(t, config.n_heads if ours.endswith("wq.weight") else config.n_kv_heads)
+            release_file_pages(mapped)
         state_dict[ours] = t
 
     chat_template = None

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from corral.checkpoints import Checkpoint, match_registry, pick_match, read_json, registry_matches
+from corral.checkpoints import Checkpoint, match_registry, pick_match, read_json, registry_matches, \
+    release_file_pages
 from corral.checkpoints.errors import CheckpointError, check_tensors
 from corral.models.config import ModelConfig, RopeScaling, ffn_hidden_dim
 
@@ -113,6 +114,8 @@ def load_meta(directory: Path) -> Checkpoint:
             state_dict[name] = shards[0][name]
         else:
             state_dict[name] = torch.cat([s[name] for s in shards], dim=dim)
+            for s in shards:  # merged into a copy: the shards' pages can go (see release_file_pages)
+                release_file_pages(s[name])
     config = match_registry(config, directory.name, None, candidates=[entry] if entry else [])
     return Checkpoint(config=config, state_dict=state_dict, path=directory, format="meta", quantization=None,
                       chat_template=None, metadata=params)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corral.cli.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
+from corral.cli.common import (add_model_arguments, add_sampling_arguments, add_speculative_arguments, load_llm,
+                               sampling_params)
 
 HELP = ("/reset: forget the conversation   /image PATH: attach an image to your next message (vision models)   "
         "/exit: quit   Ctrl-C: stop a reply   \"\"\" or \\: multi-line input")
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check each message and reply with Llama Guard 3: 'llama-guard' (Llama-Guard-3-1B) or a "
                         "guard model name / path; a violation prints Llama Stack's refusal (see docs/safety.md)")
     add_model_arguments(p)
+    add_speculative_arguments(p)
     add_sampling_arguments(p, max_tokens=1024)
 
 
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             images = []
         history.append({"role": "user", "content": content})
         reply, result, chunks = "", None, None
+        guessed = (llm.engine.drafted, llm.engine.accepted)
         if shield is not None and (refusal := shield.check_input(history)) is not None:
             print(refusal)
             history.pop()
@@ -154,5 +157,13 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         if args.stats and result is not None:
             print(f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tok/s, "
                   f"first token {result.time_to_first_token_s:.2f}s ({result.cached_prompt_tokens} of "
-                  f"{result.prompt_tokens} prompt tokens from the prefix cache), finish: {result.finish_reason}]",
-                  file=sys.stderr)
+                  f"{result.prompt_tokens} prompt tokens from the prefix cache), finish: {result.finish_reason}"
+                  f"{_speculation(llm, guessed)}]", file=sys.stderr)
+
+
+def _speculation(llm, before: tuple[int, int]) -> str:
+    """The reply's speculative decoding: accepted of guessed tokens, or nothing when it is off."""
+    if llm.engine.speculative is None:
+        return ""
+    drafted, accepted = llm.engine.drafted - before[0], llm.engine.accepted - before[1]
+    return f", {accepted} of {drafted} guessed tokens accepted" if drafted else ", no guesses"

@@ -11,16 +11,33 @@ from corral import limits
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                   help="weight dtype (default: the checkpoint's; quantized GGUF files and --quantize load as fp32)")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only int8 with per-channel scales, done at load time: the fastest way to decode on "
-                        "a CPU (Corral's int8 kernel; about 2.5x the speed of bf16 weights for Llama 3.2 1B); int4: "
-                        "GGUF Q4_0 blocks for the transformer blocks (smallest, a reference forward: slower)")
+                   help="weight dtype (default: the checkpoint's; --quantize and quantized GGUF files: fp32 "
+                        "activations, the file's blocks kept; a --dtype dequantizes a GGUF file's blocks)")
+    p.add_argument("--quantize", choices=["int8", "int4", "q4_0", "q4_1", "q8_0"],
+                   help="weight-only quantization done at load time. int8: per-channel scales, Corral's int8 kernel "
+                        "(about 2.5x the speed of bf16 weights for Llama 3.2 1B); int4 (= q4_0), q4_1, q8_0: the "
+                        "transformer blocks' linears in GGUF blocks of 32 (smallest; Corral's block kernel), head and "
+                        "embeddings int8. A GGUF file's Q8_0/Q4_0/Q4_1 weights stay in their blocks without it")
     p.add_argument("--adapter", metavar="DIR",
                    help="a LoRA adapter (PEFT format, e.g. from `corral finetune`), merged into the weights at load")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other processes are not using)")
     p.add_argument("--kv-cache-mb", type=int, metavar="MB",
                    help="memory for the engine's paged KV cache (default: a fifth of the free memory, at most 8 GiB)")
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (same output for greedy decoding, faster when guesses are right)")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--prompt-lookup", action="store_true",
+                     help="guess the next tokens from earlier text of the prompt and output (n-gram lookup, no "
+                          "second model): fast for rewrites, edits, and answers quoting their context")
+    how.add_argument("--draft-model", metavar="MODEL",
+                     help="a smaller model with the same tokenizer (registry name, checkpoint directory or .gguf "
+                          "file) guesses the next tokens")
+    g.add_argument("--draft-quantize", choices=["int8", "int4", "q4_0", "q4_1", "q8_0"],
+                   help="quantize the draft model at load, as --quantize does the model")
+    g.add_argument("--speculative-tokens", type=int, default=5, metavar="K",
+                   help="tokens guessed per step, 1-16 (default 5); a step emits 1 to K+1 tokens")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -72,18 +89,26 @@ def load_llm(model: str | None, args, quiet: bool = False):
     from corral.api import LLM
     from corral.models.config import DEFAULT_MODEL
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.kv_cache_mb is not None and args.kv_cache_mb < 1:
         raise ValueError(f"--kv-cache-mb must be >= 1, got {args.kv_cache_mb}")
     start = time.perf_counter()
     llm = LLM.load(model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize, kv_cache_mb=args.kv_cache_mb,
-                   adapter=getattr(args, "adapter", None))
+                   adapter=getattr(args, "adapter", None), threads=args.threads)
+    method = "prompt_lookup" if getattr(args, "prompt_lookup", False) else "draft" if getattr(
+        args, "draft_model", None) else None
+    if getattr(args, "draft_quantize", None) and method != "draft":
+        raise ValueError("--draft-quantize goes with --draft-model")
+    if method is not None:
+        from corral.engine.speculative import enable_speculative
+
+        enable_speculative(llm, method, args.speculative_tokens, draft_model=args.draft_model,
+                           draft_quantize=args.draft_quantize)
     seconds = time.perf_counter() - start
     if not quiet:
-        print(f"corral: loaded {llm.name} in {seconds:.1f}s; {llm.engine.describe()}", file=sys.stderr)
+        print(f"corral: loaded {llm.name} in {seconds:.1f}s, {torch.get_num_threads()} threads; {llm.engine.describe()}",
+              file=sys.stderr)
     return llm, seconds
 
 

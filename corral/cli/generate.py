@@ -15,7 +15,8 @@ import argparse
 import json
 import sys
 
-from corral.cli.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
+from corral.cli.common import (add_model_arguments, add_sampling_arguments, add_speculative_arguments, load_llm,
+                               sampling_params)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --json: include each token's logprob and the K most likely alternatives")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, prompt_tokens, completion_tokens, finish_reason, "
-                        "prefill_tokens_per_s, decode_tokens_per_s, ...) on the last line of stdout")
+                        "prefill_tokens_per_s, decode_tokens_per_s, ...; speculative: {drafted, accepted, "
+                        "acceptance_rate} with speculative decoding) on the last line of stdout")
     add_model_arguments(p)
+    add_speculative_arguments(p)
     add_sampling_arguments(p, max_tokens=256)
 
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                    time_to_first_token_s=round(result.time_to_first_token_s, 4), load_s=round(load_s, 3))
         if chat:
             out["message"] = result.message.to_openai()
+        if (spec := llm.engine.speculative_stats()) is not None:
+            out["speculative"] = {k: spec[k] for k in ("drafted", "accepted", "acceptance_rate")}
         if result.logprobs is not None:
             out["logprobs"] = [dict(token=t.token, token_id=t.token_id, logprob=t.logprob, bytes=t.bytes,
                                     top_logprobs=[dict(token=s, logprob=v) for s, v in t.top_logprobs])
@@ -79,4 +84,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         print(f"corral: {result.prompt_tokens} prompt tokens at {result.prefill_tokens_per_s:.1f} tok/s, "
               f"{result.completion_tokens} new tokens at {result.decode_tokens_per_s:.1f} tok/s "
               f"(finish: {result.finish_reason})", file=sys.stderr)
+        if (spec := llm.engine.speculative_stats()) is not None:
+            print(f"corral: speculative decoding ({spec['method']}): {spec['accepted']} of {spec['drafted']} guessed "
+                  f"tokens accepted ({spec['acceptance_rate']:.0%})", file=sys.stderr)
     return 0

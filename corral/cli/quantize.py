@@ -1,4 +1,4 @@
-"""Write a weight-only int8 or int4 checkpoint that loads without the original.
+"""Write a weight-only int8, int4 or GGUF-block checkpoint that loads without the original.
 
     corral quantize SmolLM2-135M-Instruct smollm2-int8 --scheme int8
     corral quantize ~/models/Llama-3.2-1B-Instruct llama-1b-int4 --scheme int4
@@ -7,7 +7,8 @@
 int8: every linear, the head and the embeddings as int8 with one scale per output row (the format of
 --quantize int8 and Corral's CPU decode kernel). int4: the transformer blocks' linears in llama.cpp's
 Q4_0 blocks (32 weights, one fp16 scale; --format q4_1 adds a minimum), the head and the embeddings
-int8. The output is a Hugging Face directory; the scheme is recorded in config.json's
+int8; --scheme q4_0 / q4_1 / q8_0 name the block type directly (q8_0: 8-bit blocks of 32, one fp16
+scale each). The output is a Hugging Face directory; the scheme is recorded in config.json's
 quantization_config and in the safetensors header, the source and settings in recipe.json.
 """
 
@@ -23,7 +24,8 @@ from corral.cli.common import empty_output_dir
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="registry name, checkpoint directory (HF or Meta) or .gguf file")
     p.add_argument("out", metavar="OUT", help="directory to write the quantized checkpoint into")
-    p.add_argument("--scheme", required=True, choices=["int8", "int4"], help="weight format")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4", "q4_0", "q4_1", "q8_0"],
+                   help="weight format: int8 per channel, or the blocks' linears in GGUF blocks (int4 = q4_0)")
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q4_1"],
                    help="int4 block layout: q4_0 symmetric, q4_1 with a minimum per block (default q4_0)")
     p.add_argument("--embeddings", default="int8", choices=["int8", "int4"],

@@ -126,7 +126,9 @@ def export_pte(model: str | os.PathLike | Transformer, out_path: str | os.PathLi
         source = str(model)
         model, checkpoint = load_model(model, dtype=torch.float32)
         # a quantized GGUF loads dequantized; a `corral quantize` checkpoint loads as int8/int4 modules
-        if not isinstance(model, Transformer) or checkpoint.quantization in ("int8", "int4"):
+        from corral.checkpoints import QUANTIZATIONS
+
+        if not isinstance(model, Transformer) or checkpoint.quantization in QUANTIZATIONS:
             raise CheckpointError(f"{checkpoint.path}: only float Llama text models can be exported to .pte "
                                   "(a `corral quantize` checkpoint is not)")
     model = model.float().eval()

@@ -313,22 +313,23 @@ def load_model_with_adapter(model, adapter: str | Path, *, dtype=None, device="c
     merging costs nothing per token, and an int8 model quantizes the merged weights."""
     import dataclasses
 
-    from corral.checkpoints import load_model
+    from corral.checkpoints import BLOCK_QUANTIZATIONS, QUANTIZATIONS, load_model
 
     if quantize is not None and dtype is None and torch.device(device).type == "cpu":
         dtype = torch.float32  # as load_model does for int8 on the CPU: fp32 activations
-    net, checkpoint = load_model(model, dtype=dtype, device=device)
+    net, checkpoint = load_model(model, dtype=dtype, device=device, packed=False)  # float weights to merge into
     if net.config.family != "llama":
         raise AdapterError(f"{adapter}: LoRA adapters are supported for Llama text models, not {net.config.family!r}")
     merge_adapter_into_model(net, load_adapter(adapter, net.config))
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"unknown quantization {quantize!r}; supported: int8, int4")
-    if quantize == "int4":  # the blocks' linears in Q4_0 blocks, as load_model(quantize="int4") does
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if quantize in BLOCK_QUANTIZATIONS:  # the blocks' linears in GGUF blocks, as load_model(quantize=...) does
         from corral.engine.int4 import assign_int4, int4_linear_names
 
         names = int4_linear_names(net)
-        assign_int4(net, {n + ".weight": net.get_submodule(n).weight.detach() for n in names}, names, "q4_0")
-    if quantize is not None:  # int8: every remaining Linear (all of them for int8; the head for int4)
+        assign_int4(net, {n + ".weight": net.get_submodule(n).weight.detach() for n in names}, names,
+                    BLOCK_QUANTIZATIONS[quantize])
+    if quantize is not None:  # int8: every remaining Linear (all of them for int8; the head for the blocks)
         from corral.engine.quantize import quantize_model_int8
 
         quantize_model_int8(net)

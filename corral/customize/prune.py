@@ -316,7 +316,7 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, la
     path = resolve_model(model)
     # The file's dtype (fp32 for a quantized GGUF): a bf16 1B model needs 3 GB, not 6; the statistics are
     # accumulated in fp32/fp64 whatever the weights are.
-    source, checkpoint = load_model(path, dtype=dtype)
+    source, checkpoint = load_model(path, dtype=dtype, packed=False)
     config = source.config
     if config.family != "llama":
         raise PruneError(f"{path}: only Llama text models can be pruned")

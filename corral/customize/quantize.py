@@ -1,11 +1,12 @@
-"""`corral quantize`: weight-only int8 / int4 checkpoints that load without the original.
+"""`corral quantize`: weight-only int8 / int4 / GGUF-block checkpoints that load without the original.
 
 An offline transform of the canonical state dict, then `save_hf` (gpt-fast's create_quantized_state_dict):
     int8  every linear, the head and the token embeddings: int8 (out, in) + one fp32 scale per output
           row (symmetric, scale = max|row| / 127): the engine's format (corral/engine/quantize.py)
-    int4  the linears inside the transformer blocks: GGUF Q4_0 (or Q4_1) blocks of 32 weights,
-          `weight` uint8 (out, in/32 * 18) (corral/engine/int4.py); the head and the embeddings int8
-          per-channel as above (Meta's int4 recipe keeps them at 8 bits, spec §3.3)
+    int4  the linears inside the transformer blocks: GGUF Q4_0 (or, with fmt, Q4_1) blocks of 32
+          weights, `weight` uint8 (out, in/32 * 18) (corral/engine/qblock.py); the head and the
+          embeddings int8 per-channel as above (Meta's int4 recipe keeps them at 8 bits, spec §3.3)
+    q4_0, q4_1, q8_0  the same recipe with that block type named as the scheme (q4_0 is int4)
     Norms keep the source's float dtype.
 The file is a Hugging Face directory: HF tensor names with `.scales` beside an int8 `.weight`, q/k
 rows permuted like the float weights (quantization is per row, so rows move with their scales). The
@@ -28,10 +29,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from corral.checkpoints import Checkpoint, CheckpointError, load_checkpoint, match_registry, read_json
-from corral.engine.int4 import BLOCK_BYTES, GROUP, dequantize_q4, quantize_q4
+from corral.engine.qblock import BLOCK as GROUP
+from corral.engine.qblock import QType, dequantize, quantize, row_bytes
 from corral.engine.quantize import quantize_weight
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "q4_0", "q4_1", "q8_0")
+INT4_FORMATS = ("q4_0", "q4_1")  # the block types of scheme int4
 BLOCK_LINEAR = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 
@@ -43,19 +46,28 @@ def scheme_metadata(scheme: str, fmt: str = "q4_0", embeddings: str | None = Non
     embeddings = embeddings or "int8"
     if embeddings not in ("int8", "int4"):
         raise ValueError(f"embeddings must be int8 or int4, got {embeddings!r}")
-    if scheme == "int8" and embeddings == "int4":
-        raise ValueError("int4 embeddings need --scheme int4")
+    if embeddings == "int4" and block_format(scheme, fmt) not in INT4_FORMATS:
+        raise ValueError("int4 embeddings need --scheme int4, q4_0 or q4_1")
     meta = {"scheme": scheme, "embeddings": embeddings, "head": "int8"}
     if scheme == "int8":
         meta["weights"] = "int8 per output channel, symmetric"
     else:
-        if fmt not in BLOCK_BYTES:
-            raise ValueError(f"unknown int4 format {fmt!r}; use one of {', '.join(BLOCK_BYTES)}")
+        fmt = block_format(scheme, fmt)
+        bits = "int4" if fmt in INT4_FORMATS else "int8"
         meta.update({"format": fmt, "group_size": GROUP,
-                     "weights": f"int4 in GGUF {fmt.upper()} blocks for the transformer blocks' linears"})
+                     "weights": f"{bits} in GGUF {fmt.upper()} blocks for the transformer blocks' linears"})
     if head_tokens is not None:
         meta["head_tokens"] = len(head_tokens)
     return meta
+
+
+def block_format(scheme: str, fmt: str = "q4_0") -> str | None:
+    """The GGUF block type of a scheme's linears: fmt for int4, the scheme itself for q4_0 / q4_1 / q8_0."""
+    if scheme == "int4":
+        if fmt not in INT4_FORMATS:
+            raise ValueError(f"unknown int4 format {fmt!r}; use one of {', '.join(INT4_FORMATS)}")
+        return fmt
+    return None if scheme == "int8" else str(QType.of(scheme))
 
 
 def is_quantized(checkpoint: Checkpoint) -> bool:
@@ -72,6 +84,7 @@ def quantize_state_dict(state_dict: dict[str, Tensor], config, scheme: str, fmt:
     uint8 GGUF blocks). A tied head is not stored: the embedding's table is the head. head_tokens: keep
     only these rows of the head (`output.token_ids` lists them; the model is then untied)."""
     scheme_metadata(scheme, fmt, embeddings, head_tokens)  # validates
+    fmt = block_format(scheme, fmt)
     out = {}
     for name in tqdm(list(state_dict), desc=f"quantize {scheme}", unit="tensor", disable=not progress):
         w = state_dict[name]
@@ -79,10 +92,10 @@ def quantize_state_dict(state_dict: dict[str, Tensor], config, scheme: str, fmt:
             continue
         if w.ndim != 2:  # norms
             out[name] = w
-        elif scheme == "int4" and BLOCK_LINEAR.match(name) and w.shape[1] % GROUP == 0:
-            out[name] = quantize_q4(w, fmt)
+        elif fmt is not None and BLOCK_LINEAR.match(name) and w.shape[1] % GROUP == 0:
+            out[name] = quantize(w, fmt)
         elif name == "tok_embeddings.weight" and embeddings == "int4" and w.shape[1] % GROUP == 0:
-            out[name] = quantize_q4(w, fmt)
+            out[name] = quantize(w, fmt)
         else:  # int8 linears, head and embeddings
             out[name], out[name.removesuffix(".weight") + ".scales"] = quantize_weight(w, torch.float32)
     if head_tokens is not None:
@@ -107,9 +120,8 @@ def dequantize_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
         if name.endswith(".scales"):
             continue
         base = name.removesuffix(".weight")
-        if t.dtype == torch.uint8:  # int4 blocks
-            cols = t.shape[1] // BLOCK_BYTES[fmt] * GROUP
-            out[name] = dequantize_q4(t, cols, fmt)
+        if t.dtype == torch.uint8:  # GGUF blocks
+            out[name] = dequantize(t, fmt)
         elif t.dtype == torch.int8:
             out[name] = t.float() * sd[base + ".scales"].float()[:, None]
         else:
@@ -196,6 +208,7 @@ def load_quantized_model(checkpoint: Checkpoint, *, dtype=None, device="cpu"):
     from torch import nn
 
     from corral.engine.int4 import Int4Embedding, TokenSubsetHead, swap_int4_linears
+    from corral.engine.qblock import BlockEmbedding, BlockLinear
     from corral.engine.quantize import Int8Embedding, pack_for_cpu, swap_int8_linears, tie_int8_embeddings
     from corral.models.llama import Transformer
 
@@ -231,10 +244,11 @@ def load_quantized_model(checkpoint: Checkpoint, *, dtype=None, device="cpu"):
         raise CheckpointError(f"{checkpoint.path}: tensors do not fit the model: missing {', '.join(missing) or '-'}; "
                               f"unexpected {', '.join(unexpected) or '-'}")
     for name, m in model.named_modules():
-        expected = getattr(m, "in_features", getattr(m, "embedding_dim", 0)) // GROUP * BLOCK_BYTES[fmt]
-        if getattr(m, "fmt", None) and m.weight.shape[1] != expected:
-            raise CheckpointError(f"{checkpoint.path}: int4 tensor {name} of shape {tuple(m.weight.shape)} does not "
-                                  f"fit the model in {fmt}")
+        if isinstance(m, (BlockLinear, BlockEmbedding)):
+            expected = row_bytes(m.in_features if isinstance(m, BlockLinear) else m.embedding_dim, fmt)
+            if m.weight.shape[1] != expected:
+                raise CheckpointError(f"{checkpoint.path}: block tensor {name} of shape {tuple(m.weight.shape)} does "
+                                      f"not fit the model in {fmt}")
     model = model.to(device).eval()
     int8_tied = config.tie_embeddings and isinstance(model.tok_embeddings, Int8Embedding) and \
         not isinstance(model.output, TokenSubsetHead)

@@ -22,8 +22,10 @@ from typing import Iterable
 import torch
 
 from corral.engine.kv_cache import BLOCK_SIZE, BlockManager
+from corral.engine.native import NativeDecoder
 from corral.engine.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 from corral.engine.scheduler import FINISHED, Scheduler, Sequence, TokenStep, check_length
+from corral.engine.speculative import SpeculativeConfig, build_proposer, verify
 from corral.models.llama import AttentionGroup, PagedBatch, PagedKVCache
 
 log = logging.getLogger("corral.engine")
@@ -98,7 +100,8 @@ class RequestHandle:
 class Engine:
     def __init__(self, model, *, kv_cache_mb: float | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, context_length: int | None = None,
-                 block_size: int = BLOCK_SIZE, threaded: bool = False, kv_dtype: torch.dtype | None = None):
+                 block_size: int = BLOCK_SIZE, threaded: bool = False, kv_dtype: torch.dtype | None = None,
+                 native: bool = True, speculative: SpeculativeConfig | None = None):
         self.model = model
         self.device = next(model.parameters()).device
         if kv_dtype is None:  # fp32 on the CPU: 16-bit attention kernels are several times slower there
@@ -120,6 +123,8 @@ class Engine:
         # One sequence alone always fits: the pool is part of the context limit.
         self.context_length = min(self.context_length, self.capacity_tokens)
         self.scheduler = Scheduler(BlockManager(n_blocks, block_size), max_num_seqs, max_batch_tokens)
+        # Steps where every sequence adds one token run in compiled code where the model allows (native.py).
+        self.native = NativeDecoder.build(model, self.cache) if native else None
         self.threaded = threaded
         if threaded:
             _threaded_engines.add(self)
@@ -129,11 +134,17 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = self.tokens_computed = 0
+        # Speculative decoding (speculative.py): guessed and kept tokens, over all sequences.
+        self.speculative, self.speculator = None, None
+        self.drafted = self.accepted = 0
+        self.set_speculative(speculative)
 
     def describe(self) -> str:
         return (f"KV cache: {self.pool_bytes / 2**20:.0f} MiB, {self.capacity_tokens} tokens in "
                 f"{self.scheduler.blocks.n_blocks} blocks of {self.scheduler.blocks.block_size}; up to "
-                f"{self.scheduler.max_num_seqs} sequences, {self.scheduler.max_batch_tokens} tokens per step")
+                f"{self.scheduler.max_num_seqs} sequences, {self.scheduler.max_batch_tokens} tokens per step"
+                + (f"; speculative decoding: {self.speculative.method}, {self.speculative.num_tokens} tokens"
+                   if self.speculative is not None else ""))
 
     # --- the consumer's side ---------------------------------------------------------------------------
 
@@ -227,6 +238,8 @@ class Engine:
                 self._finish(seq, ValueError(f"the sequence needs {seq.n_tokens + 1} tokens of KV cache, more "
                                              f"than the pool holds ({self.capacity_tokens}); raise kv_cache_mb"))
             return
+        if self.speculator is not None and self._speculative_step(plan):
+            return
         try:
             logits, rows = self._forward(plan)
         except Exception as e:  # noqa: BLE001 - every sequence of the batch gets the error
@@ -249,6 +262,9 @@ class Engine:
 
     def _forward(self, plan: list[tuple[Sequence, int]]):
         """One flat batch for the plan -> (logits (R, vocab), the logits row of each plan entry or None)."""
+        if self.native is not None and all(n == 1 and seq.cross_state is None and not _wants_prompt_logprobs(seq)
+                                           for seq, n in plan):
+            return self._forward_native(plan)
         bs = self.scheduler.blocks.block_size
         tokens, positions, slots, cross = [], [], [], []
         for seq, n in plan:
@@ -264,7 +280,7 @@ class Engine:
         wanted, spans, offset = [], [], 0
         for seq, n in plan:
             samples = seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
-            scores = seq.prompt_logprobs is not None and not seq.generated and seq.n_computed < len(seq.prompt)
+            scores = _wants_prompt_logprobs(seq)
             first = len(wanted)
             wanted += range(offset, offset + n) if scores else [offset + n - 1] if samples else []
             spans.append((first, len(wanted), samples, scores))
@@ -281,6 +297,14 @@ class Engine:
                 self._prompt_logprobs(seq, logits[first:end], seq.n_computed)
             rows.append(end - 1 if samples else None)
         return logits, rows
+
+    def _forward_native(self, plan: list[tuple[Sequence, int]]):
+        """A step of single tokens through the native decoder: one logits row per entry."""
+        logits = self.native([seq.tokens[seq.n_computed] for seq, _ in plan], [seq.n_computed for seq, _ in plan],
+                             [seq.block_table for seq, _ in plan])
+        self.tokens_computed += len(plan)
+        return logits, [i if seq.n_computed + 1 >= seq.n_tokens and seq.max_new > len(seq.generated) else None
+                        for i, (seq, _) in enumerate(plan)]
 
     def _attention_groups(self, plan: list[tuple[Sequence, int]]) -> list[AttentionGroup]:
         """The single-token entries (first in the plan) attend as one padded group over their own blocks;
@@ -350,6 +374,13 @@ class Engine:
             if seq.counts is not None:
                 penalized = apply_penalties(logits, params, seq.counts, seq.seen)
             next_id = int(sample(penalized, params, seq.generator))
+        self._emit(seq, next_id, logits)
+
+    def _emit(self, seq: Sequence, next_id: int, logits: torch.Tensor) -> bool:
+        """Append a sampled token and send its TokenStep; True when it ended the sequence. logits: the row it
+        was drawn from, after the logits processor and before penalties (what logprobs report)."""
+        params = seq.params
+        with torch.inference_mode():
             if seq.counts is not None:
                 seq.counts[next_id] += 1
                 seq.seen[next_id] = True
@@ -364,9 +395,117 @@ class Engine:
         seq.out.put(step)
         if step.finish_reason is not None:
             self._finish(seq)
+        return step.finish_reason is not None
+
+    # --- speculative decoding: proposers and acceptance in speculative.py ---------------------------------
+
+    def set_speculative(self, config: SpeculativeConfig | None) -> None:
+        """Speculative decoding on (a config; a draft model named by path is loaded now) or off (None).
+        Set it before submitting requests."""
+        self.speculator = build_proposer(config, self) if config is not None else None
+        self.speculative = config
+
+    def speculative_stats(self) -> dict | None:
+        """Guessed and accepted tokens so far, or None when speculation is off."""
+        if self.speculative is None:
+            return None
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return dict(method=self.speculative.method, num_tokens=self.speculative.num_tokens, drafted=self.drafted,
+                    accepted=self.accepted, acceptance_rate=round(rate, 4))
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """How many tokens to guess for seq: none where the logits processor holds state (a grammar matcher
+        consumes each token once and cannot take rejected guesses back) or for vision sequences; never more
+        than it may still generate after the verify step's own token, nor than the step's token budget."""
+        if seq.processor is not None or seq.cross_state is not None:
+            return 0
+        return max(0, min(self.speculative.num_tokens, seq.max_new - len(seq.generated) - 1, budget))
+
+    def _speculative_step(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """A decode step with guesses: each sequence runs its last token and its guesses as one entry (the
+        target's logits after each), then keeps what `verify` accepts. False, with nothing done, when the step
+        has prompt chunks or nobody got a guess: the step then decodes as usual."""
+        if len(plan) > self.speculative.max_running or any(n != 1 or seq.prefilling for seq, n in plan):
+            return False
+        budget = (self.scheduler.max_batch_tokens - len(plan)) // len(plan)
+        wanted = {seq: k for seq, _ in plan if (k := self._lookahead(seq, budget)) > 0}
+        try:
+            drafts = self.speculator.propose(wanted) if wanted else {}
+        except Exception:  # noqa: BLE001 - a failing draft model must not fail the requests
+            log.exception("speculative decoding failed; decoding without it from now on")
+            self.set_speculative(None)
+            return False
+        entries = []
+        for seq, _ in plan:
+            guess, q = drafts.get(seq, ([], None))
+            # Blocks for the guesses, preempting nobody: fewer guesses when the pool is short.
+            room = self.scheduler.reserve_ahead(seq, seq.n_computed + 1 + len(guess)) - seq.n_computed - 1
+            drafts[seq] = guess[:room], (q[:room] if q is not None else None)
+            entries.append((seq, 1 + len(drafts[seq][0])))
+        if all(n == 1 for _, n in entries):
+            return False
+        entries.sort(key=lambda entry: entry[1] != 1)  # single tokens first: they attend as one group
+        try:
+            logits = self._forward_verify(entries, drafts)
+        except Exception as e:  # noqa: BLE001 - every sequence of the batch gets the error
+            log.exception("engine step failed")
+            for seq, _ in entries:
+                self._finish(seq, RuntimeError(f"generation failed: {type(e).__name__}"))
+            return True
+        self.steps += 1
+        offset = 0
+        for seq, n in entries:
+            try:
+                self._accept(seq, logits[offset:offset + n], *drafts[seq])
+            except Exception as e:  # noqa: BLE001 - a failing logits processor ends its own sequence
+                log.exception("sampling failed")
+                self._finish(seq, e if isinstance(e, ValueError) else RuntimeError(f"sampling failed: {e}"))
+            offset += n
+        return True
+
+    def _forward_verify(self, entries: list[tuple[Sequence, int]], drafts: dict) -> torch.Tensor:
+        """Each sequence's last token and its guesses (not yet in seq.tokens), flat -> logits of every row."""
+        tokens, positions = [], []
+        for seq, n in entries:
+            tokens += [seq.tokens[seq.n_computed], *drafts[seq][0]]
+            positions += range(seq.n_computed, seq.n_computed + n)
+        self.tokens_computed += len(tokens)
+        if self.native is not None:
+            # Each guess as a row of its own over its sequence's blocks: the native step writes every row's
+            # keys/values before any row attends, so row j sees the guesses before it, causally.
+            return self.native(tokens, positions, [seq.block_table for seq, n in entries for _ in range(n)])
+        bs = self.scheduler.blocks.block_size
+        slots = [s for seq, n in entries for s in _slots(seq.block_table, range(seq.n_computed, seq.n_computed + n), bs)]
+        batch = PagedBatch(self.cache, torch.tensor(positions, device=self.device),
+                           torch.tensor(slots, device=self.device), self._attention_groups(entries))
+        with torch.inference_mode():
+            return self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), batch=batch)
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, guess: list[int], q: torch.Tensor | None) -> None:
+        """Emit the accepted guesses and the target's next token, one TokenStep each, stopping where plain
+        decoding would; the keys/values of rejected guesses are dropped and their blocks given back."""
+        if not guess:  # a sequence without guesses in a speculative batch: a plain decode
+            seq.n_computed += 1
+            self._register_full_blocks(seq)
+            self._sample(seq, logits[0])
+            return
+        with torch.inference_mode():
+            tokens = verify(logits, guess, seq.params, seq.generator, draft_probs=q, counts=seq.counts, seen=seq.seen)
+        self.drafted += len(guess)
+        self.accepted += len(tokens) - 1
+        # The cache now holds the last token and every guess; keep the last token and the accepted guesses.
+        # The final token is computed by the next step, into the slot of the first rejected guess.
+        seq.n_computed += len(tokens)
+        for token, row in zip(tokens, logits):
+            if self._emit(seq, token, row):
+                return  # a stop token or the length limit: the sequence's blocks are freed
+        self._register_full_blocks(seq)  # only blocks of accepted tokens: n_computed stops before the rejected
+        self.scheduler.trim(seq, seq.n_tokens)
 
     def _finish(self, seq: Sequence, error: BaseException | None = None) -> None:
         self.scheduler.free(seq)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
         if seq.status != FINISHED:
             seq.status = FINISHED
             seq.out.put(error)
@@ -376,6 +515,10 @@ class Engine:
             pending, self._incoming = self._incoming, []
         for seq in pending + list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, error)
+
+
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    return seq.prompt_logprobs is not None and not seq.generated and seq.n_computed < len(seq.prompt)
 
 
 def _slots(block_table: list[int], positions: range, bs: int) -> list[int]:

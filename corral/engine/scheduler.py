@@ -132,6 +132,20 @@ class Scheduler:
             seq.block_table.append(self.blocks.allocate())
         return True
 
+    def reserve_ahead(self, seq: Sequence, n_positions: int) -> int:
+        """Speculative decoding: grow seq's block table toward n_positions without preempting anyone; the
+        number of positions it covers now (fewer than asked when the pool is short)."""
+        self._reserve(seq, n_positions)
+        return len(seq.block_table) * self.blocks.block_size
+
+    def trim(self, seq: Sequence, n_positions: int) -> None:
+        """Give back the blocks past the first n_positions (rejected guesses' lookahead). Those blocks were
+        never registered in the prefix cache (only computed, accepted tokens are), so they go back free."""
+        keep = self._blocks_for(n_positions)
+        if len(seq.block_table) > keep:
+            self.blocks.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and put it back in the queue; its tokens are recomputed when it runs again."""
         self.free(seq)

@@ -36,6 +36,8 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
         kv_cache_mb: null       # memory for the engine's paged KV-cache pool (null: from free memory)
         max_num_seqs: 32        # sequences the engine runs at once
         max_batch_tokens: 512   # tokens one engine step processes (longer prompts prefill in chunks)
+        speculative: {method: prompt_lookup, num_tokens: 5}   # optional: speculative decoding, or
+        # speculative: {method: draft, draft_model: NAME-OR-PATH, draft_quantize: int8, num_tokens: 4}
       - model_id: all-MiniLM-L6-v2
         provider_id: embeddings
         model_type: embedding
@@ -73,7 +75,8 @@ EMBEDDINGS = "inline::sentence-transformers"
 REMOTE = "remote::openai-compatible"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # ModelEntry keys that only the inline engine reads
-INLINE_ONLY = ("dtype", "quantize", "adapter", "max_tokens", "context_length", "kv_cache_mb", "max_num_seqs", "max_batch_tokens")
+INLINE_ONLY = ("dtype", "quantize", "adapter", "max_tokens", "context_length", "kv_cache_mb", "max_num_seqs",
+               "max_batch_tokens", "speculative")
 
 
 class ConfigError(ValueError):
@@ -126,14 +129,34 @@ class StorageConfig(_Strict):
         return {"dsn": self.dsn, "pg_schema": self.pg_schema}
 
 
+class SpeculativeEntry(_Strict):
+    """Speculative decoding for an inline model (corral/engine/speculative.py): guesses from the text itself
+    (prompt_lookup) or from a smaller draft model with the same tokenizer, checked by the model in one step."""
+
+    method: Literal["prompt_lookup", "draft"]
+    num_tokens: int = Field(5, ge=1, le=16)  # tokens guessed per step
+    draft_model: str | None = None  # method draft: a registry name, checkpoint directory or .gguf file
+    draft_quantize: Literal["int8", "int4", "q4_0", "q4_1", "q8_0"] | None = None  # as `quantize`, for the draft
+    max_running: int = Field(8, ge=1)  # guess only while at most this many sequences decode
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("draft_model goes with method 'draft', and method 'draft' needs one")
+        if self.draft_quantize is not None and self.method != "draft":
+            raise ValueError("draft_quantize goes with method 'draft'")
+        return self
+
+
 class ModelEntry(_Strict):
     model_id: str = Field(min_length=1)
     provider_id: str
     model_type: Literal["llm", "embedding"] = "llm"
     provider_model_id: str | None = None  # remote: the id the remote server knows
     checkpoint: str | None = None  # inline: a registry name or a checkpoint path (default: model_id)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (fp32 for GGUF)
-    quantize: Literal["int8", "int4"] | None = None  # inline: weight-only int8 at load (fastest CPU decode); int4
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # inline: None = the file's (a GGUF's blocks kept)
+    # inline: weight-only quantization at load: int8 per channel, or GGUF blocks (int4 = q4_0, q4_1, q8_0)
+    quantize: Literal["int8", "int4", "q4_0", "q4_1", "q8_0"] | None = None
     adapter: str | None = None  # inline: a PEFT LoRA adapter directory, merged into the weights at load
     # Inline serving limits: what one request may take of the model, and how the engine batches.
     max_tokens: int | None = Field(4096, ge=1)  # cap on tokens generated per request (None: the context's room)
@@ -141,6 +164,7 @@ class ModelEntry(_Strict):
     kv_cache_mb: int | None = Field(None, ge=1)  # the paged KV-cache pool (None: derived from free memory)
     max_num_seqs: int = Field(32, ge=1)  # sequences the engine runs at once
     max_batch_tokens: int = Field(512, ge=1)  # tokens one engine step may process (chunked prefill)
+    speculative: SpeculativeEntry | None = None  # speculative decoding (None: off)
 
     @model_validator(mode="after")
     def _check(self):

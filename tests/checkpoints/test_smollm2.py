@@ -24,7 +24,7 @@ PREFILL_ATOL = 2e-3  # fp32, 30 layers, logits of magnitude ~20
 def models(smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ours, ckpt = load_model(smollm2_gguf)
+    ours, ckpt = load_model(smollm2_gguf, dtype="fp32")  # dequantized, as transformers loads it
     ref = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                dtype=torch.float32, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -157,7 +157,7 @@ def test_smollm2_int8_agrees_with_fp32(smollm2_gguf, dtype):
     from corral.checkpoints import load_model, load_tokenizer
     from tests.checkpoints import tiny
 
-    model, checkpoint = load_model(smollm2_gguf)
+    model, checkpoint = load_model(smollm2_gguf, dtype="fp32")  # the reference: the file dequantized
     ids = load_tokenizer(checkpoint).encode("The tallest mountain in the world is Mount Everest, which lies "
                                             "on the border between Nepal and China. Climbers usually start")
     tokens = torch.tensor([ids])

@@ -10,12 +10,14 @@ typedef void (*corral_task_fn)(void *ctx, int part, int parts);
    One caller at a time uses the pool; a concurrent caller runs fn(ctx, 0, 1) on its own thread. */
 void corral_parallel(corral_task_fn fn, void *ctx, int threads);
 
-/* Rows [*r0, *r1) of `n` rows in units of `align`, for part `part` of `parts`. */
+/* Rows [*r0, *r1) of `n` rows in units of `align`, for part `part` of `parts`; the part with the last
+   unit also takes the rows after it that do not fill a unit. */
 static inline void corral_split(long long n, long long align, int part, int parts, long long *r0, long long *r1) {
     long long units = n / align, per = (units + parts - 1) / parts;
     long long u0 = part * per, u1 = u0 + per < units ? u0 + per : units;
     if (u0 > u1) u0 = u1;
     *r0 = u0 * align, *r1 = u1 * align;
+    if (u1 == units && (u0 < u1 || (units == 0 && part == 0))) *r1 = n;
 }
 
 #endif

@@ -74,6 +74,8 @@ class ModelWorker:
                                "prefix_hit_tokens": pool.hit_tokens, "prefix_queried_tokens": pool.queried_tokens}
             out["engine"] = {"steps": engine.steps, "tokens_computed": engine.tokens_computed,
                              "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+            if (spec := engine.speculative_stats()) is not None:
+                out["speculative"] = spec
         return out
 
     def load(self):
@@ -87,9 +89,15 @@ class ModelWorker:
 
                 e = self.entry
                 try:
-                    self.llm = LLM.load(e.checkpoint or e.model_id, dtype=e.dtype, quantize=e.quantize,
-                                        adapter=e.adapter, kv_cache_mb=e.kv_cache_mb, max_num_seqs=e.max_num_seqs,
-                                        max_batch_tokens=e.max_batch_tokens, context_length=e.context_length)
+                    llm = LLM.load(e.checkpoint or e.model_id, dtype=e.dtype, quantize=e.quantize,
+                                   adapter=e.adapter, kv_cache_mb=e.kv_cache_mb, max_num_seqs=e.max_num_seqs,
+                                   max_batch_tokens=e.max_batch_tokens, context_length=e.context_length)
+                    if (s := e.speculative) is not None:  # a draft model loads here, its tokenizer checked
+                        from corral.engine.speculative import enable_speculative
+
+                        enable_speculative(llm, s.method, s.num_tokens, draft_model=s.draft_model,
+                                           draft_quantize=s.draft_quantize, max_running=s.max_running)
+                    self.llm = llm
                 except Exception as exc:  # noqa: BLE001 - remembered and reported as a 503
                     log.exception("model %r failed to load", e.model_id)
                     # Checkpoint errors name the file and the problem: the operator's own config. Anything

@@ -1,0 +1,396 @@
+/* The decode step of a Llama text model in one call: B sequences, one new token each.
+
+   The eager model (corral/models/llama.py) spends most of a small model's decode step between
+   operators: ~450 of them per token at 135M parameters, 10-20 us of Python and dispatch each. This
+   file runs the same arithmetic as Transformer.forward on the engine's flat batch, for the case the
+   engine meets on every step after the prompts, "every sequence adds one token", and reads the same
+   tensors: the model's weights where they are (fp32, Corral's packed int8, GGUF's Q8_0 / Q4_0 / Q4_1
+   blocks) and the engine's paged KV cache through each sequence's block table. corral/engine/native.py
+   fills the structs below from a loaded model and checks the result against the eager model.
+
+   Per layer:  h = rmsnorm(x) -> q, k, v (one parallel call) -> rope -> k, v into the cache ->
+               attention over each sequence's own blocks -> x += wo(att) ->
+               h = rmsnorm(x) -> w1, w3 (one parallel call) -> x += w2(silu(w1 h) * w3 h)
+   then logits = output(rmsnorm(x)). Matrix products and attention run on the kernels' thread pool;
+   the elementwise rest is small (B x dim) and stays on the calling thread. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8 }; /* block types: GGML's numbers */
+
+/* The block kernels live in qblock.c; weak, so the library still loads (fp32 and int8 only) without it. */
+extern size_t corral_q_act_bytes(int type, int64_t M, int64_t K) __attribute__((weak));
+extern void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K) __attribute__((weak));
+extern void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
+                                 int64_t K, int64_t n0, int64_t n1) __attribute__((weak));
+extern int corral_q_row_align(void) __attribute__((weak));
+
+typedef struct {
+    int64_t type, n, k;   /* y (M, n) = x (M, k) @ W^T */
+    const void *w;        /* fp32 (n, k); int8 packed (n/4, k/16, 4, 16); blocks: n rows of k/32 blocks */
+    const float *scales;  /* int8: one per output row; otherwise unused */
+} corral_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    corral_linear wq, wk, wv, wo, w1, w3, w2;
+} corral_layer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab;
+    double eps;
+    const corral_layer *layers;
+    const float *norm;
+    corral_linear output;
+    const float *rope;                /* (rope_len, head_dim / 2, 2): cos, sin of each position */
+    int64_t rope_len;
+    float *cache_k, *cache_v;         /* (n_layers, n_slots, n_kv_heads, head_dim) */
+    int64_t n_slots, block_size;
+} corral_model;
+
+int corral_decode_abi(void) { return 1; } /* bumped when the structs change; native.py checks it */
+
+int corral_decode_supports(int64_t type) {
+    if (type == W_F32 || type == W_INT8) return 1;
+    if (type == W_Q4_0 || type == W_Q4_1 || type == W_Q8_0) return corral_q_matvec_rows != NULL;
+    return 0;
+}
+
+/* --- matrix products ------------------------------------------------------------------------------ */
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* e^x for 8 floats (Cephes' polynomial, ~1e-7 relative error), for softmax and SiLU. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3763f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* x - n ln 2, in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* fp32 weights, output columns n0..n1-1; each weight row is read once from memory for all M inputs. */
+static void f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
+                     int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, w + n * K, K);
+}
+
+typedef struct {
+    const corral_linear *lin;
+    const float *x;
+    const void *act; /* the block kernels' prepared x */
+    float *y;
+} product;
+
+typedef struct {
+    int n;
+    int64_t M;
+    product p[3];
+} products;
+
+static int64_t row_align(const corral_linear *lin) {
+    if (lin->type == W_INT8) return 4;
+    if (lin->type == W_F32) return 1;
+    return corral_q_row_align();
+}
+
+/* Each part takes its share of every product's rows: one pool call for q, k and v together. */
+static void products_part(void *ctx, int part, int parts) {
+    const products *job = ctx;
+    for (int i = 0; i < job->n; i++) {
+        const product *p = &job->p[i];
+        const corral_linear *l = p->lin;
+        long long r0, r1;
+        corral_split(l->n, row_align(l), part, parts, &r0, &r1);
+        if (r0 >= r1) continue;
+        if (l->type == W_F32)
+            f32_rows(p->x, l->w, p->y, job->M, l->n, l->k, r0, r1);
+        else if (l->type == W_INT8)
+            corral_int8_matvec_blocks(p->x, l->w, l->scales, p->y, job->M, l->n, l->k, r0 / 4, r1 / 4);
+        else
+            corral_q_matvec_rows((int)l->type, p->act, l->w, p->y, job->M, l->n, l->k, r0, r1);
+    }
+}
+
+/* y_i = x @ W_i^T for up to three weights sharing one input. act: scratch for the block kernels. */
+static void run_products(products *job, void *act, size_t act_size, int threads) {
+    char *a = act;
+    for (int i = 0; i < job->n; i++) {
+        product *p = &job->p[i];
+        int64_t type = p->lin->type;
+        if (type == W_F32 || type == W_INT8) continue;
+        if (i > 0 && job->p[i - 1].lin->type == type && job->p[i - 1].x == p->x) {
+            p->act = job->p[i - 1].act; /* same input, same preparation */
+            continue;
+        }
+        size_t need = corral_q_act_bytes((int)type, job->M, p->lin->k);
+        if (need > act_size) abort(); /* sized by the caller for the largest input */
+        corral_q_prepare((int)type, p->x, a, job->M, p->lin->k);
+        p->act = a;
+        a += need, act_size -= need;
+    }
+    corral_parallel(products_part, job, threads);
+}
+
+/* --- attention ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const corral_model *m;
+    int64_t layer, B, max_blocks, splits;
+    const int64_t *positions;
+    const int32_t *tables;
+    const float *q;  /* (B, n_heads, hd), roped */
+    float *partial;  /* per task: group x (max, sum, hd weighted values) */
+    float *scores;   /* per part: group x span */
+    int64_t span;    /* positions per split */
+} attention_job;
+
+static inline int64_t slot_of(const int32_t *table, int64_t pos, int64_t bs) {
+    return (int64_t)table[pos / bs] * bs + pos % bs;
+}
+
+/* Keys and values of one position are a short row (hd floats) every n_kv_heads * hd floats: the hardware
+   prefetcher does not run far enough ahead on such strides, so each position asks for a later one's row. */
+#define AHEAD 8
+static inline void prefetch_row(const float *row, int64_t hd) {
+    for (int64_t i = 0; i < hd; i += 16) _mm_prefetch((const char *)(row + i), _MM_HINT_T0);
+}
+
+#define PARTIAL(j, task) ((j)->partial + (task) * ((j)->m->n_heads / (j)->m->n_kv_heads) * ((j)->m->head_dim + 2))
+
+/* One task: the query heads of sequence b that share kv head g, over positions [p0, p1) of its context.
+   It leaves, per head, the running max, the sum of exponentials and the exp-weighted sum of values, which
+   attention_combine merges across the splits (flash-decoding): a long context is then spread over all
+   threads even for one sequence. */
+static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int64_t p1, float *scores,
+                   float *out) {
+    const corral_model *m = j->m;
+    const int64_t hd = m->head_dim, kv = m->n_kv_heads, group = m->n_heads / kv, n = p1 - p0, bs = m->block_size;
+    const int32_t *table = j->tables + b * j->max_blocks;
+    const int64_t layer_off = j->layer * m->n_slots * kv * hd;
+    const float *ck = m->cache_k + layer_off, *cv = m->cache_v + layer_off;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *q = j->q + (b * m->n_heads + g * group) * hd;
+    for (int64_t p = p0; p < p1; p++) {
+        const float *k = ck + (slot_of(table, p, bs) * kv + g) * hd;
+        if (p + AHEAD < p1) prefetch_row(ck + (slot_of(table, p + AHEAD, bs) * kv + g) * hd, hd);
+        for (int64_t h = 0; h < group; h++) scores[h * n + p - p0] = dot(q + h * hd, k, hd) * scale;
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *sc = scores + h * n, mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
+        int64_t i = 0;
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sc + i, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        float sum = hsum8(acc);
+        for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
+        float *o = out + h * (hd + 2);
+        o[0] = mx, o[1] = sum;
+        memset(o + 2, 0, hd * sizeof(float));
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        const float *v = cv + (slot_of(table, p, bs) * kv + g) * hd;
+        if (p + AHEAD < p1) prefetch_row(cv + (slot_of(table, p + AHEAD, bs) * kv + g) * hd, hd);
+        for (int64_t h = 0; h < group; h++) {
+            const __m256 w = _mm256_set1_ps(scores[h * n + p - p0]);
+            float *o = out + h * (hd + 2) + 2;
+            for (int64_t d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+        }
+    }
+}
+
+static void attention_part(void *ctx, int part, int parts) {
+    const attention_job *j = ctx;
+    const int64_t kv = j->m->n_kv_heads, S = j->splits;
+    long long t0, t1;
+    corral_split(j->B * kv * S, 1, part, parts, &t0, &t1);
+    for (long long t = t0; t < t1; t++) {
+        const int64_t b = t / (kv * S), g = (t / S) % kv, s = t % S, ctx_len = j->positions[b] + 1;
+        const int64_t p0 = s * j->span < ctx_len ? s * j->span : ctx_len;
+        const int64_t p1 = p0 + j->span < ctx_len ? p0 + j->span : ctx_len;
+        float *out = PARTIAL(j, t);
+        if (p0 >= p1) { /* an empty split (a shorter sequence of the batch) */
+            for (int64_t h = 0; h < j->m->n_heads / kv; h++) out[h * (j->m->head_dim + 2) + 1] = 0.0f;
+            continue;
+        }
+        attend(j, b, g, p0, p1, j->scores + part * (j->m->n_heads / kv) * j->span, out);
+    }
+}
+
+/* Merge each head's splits: out = sum_s e^(max_s - max) v_s / sum_s e^(max_s - max) sum_s. */
+static void attention_combine(const attention_job *j, float *out) {
+    const int64_t kv = j->m->n_kv_heads, group = j->m->n_heads / kv, hd = j->m->head_dim, S = j->splits;
+    for (int64_t b = 0; b < j->B; b++)
+        for (int64_t g = 0; g < kv; g++)
+            for (int64_t h = 0; h < group; h++) {
+                float mx = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < S; s++) {
+                    const float *o = PARTIAL(j, (b * kv + g) * S + s) + h * (hd + 2);
+                    if (o[1] > 0.0f && o[0] > mx) mx = o[0];
+                }
+                float *dst = out + (b * j->m->n_heads + g * group + h) * hd;
+                memset(dst, 0, hd * sizeof(float));
+                for (int64_t s = 0; s < S; s++) {
+                    const float *o = PARTIAL(j, (b * kv + g) * S + s) + h * (hd + 2);
+                    if (o[1] <= 0.0f) continue;
+                    const float w = expf(o[0] - mx);
+                    total += w * o[1];
+                    for (int64_t d = 0; d < hd; d++) dst[d] += w * o[2 + d];
+                }
+                const float inv = 1.0f / total;
+                for (int64_t d = 0; d < hd; d++) dst[d] *= inv;
+            }
+}
+
+/* --- the elementwise rest ------------------------------------------------------------------------- */
+
+static void rmsnorm(const float *x, const float *weight, float *out, int64_t B, int64_t dim, float eps) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * dim;
+        float ss = dot(xb, xb, dim) / (float)dim;
+        float r = 1.0f / sqrtf(ss + eps);
+        for (int64_t i = 0; i < dim; i++) out[b * dim + i] = xb[i] * r * weight[i];
+    }
+}
+
+/* g = silu(g) * u = g / (1 + e^-g) * u */
+static void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Rotate the interleaved pairs (x[2i], x[2i+1]) of each head by its position's angle, as apply_rope. */
+static void rope(float *x, int64_t B, int64_t heads, int64_t hd, const float *table, const int64_t *positions) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *cs = table + positions[b] * hd;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (b * heads + h) * hd;
+            for (int64_t i = 0; i < hd / 2; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], d = v[2 * i + 1];
+                v[2 * i] = a * c - d * s;
+                v[2 * i + 1] = a * s + d * c;
+            }
+        }
+    }
+}
+
+/* --- the step ------------------------------------------------------------------------------------- */
+
+/* x (B, dim): the new tokens' embeddings (overwritten). positions (B,): each token's position; tables
+   (B, max_blocks): each sequence's block table (its new token's slot included). logits (B, vocab).
+   Returns 0, or -1 when a weight type has no kernel here or a position is outside the rope table. */
+int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t *positions,
+                       const int32_t *tables, int64_t max_blocks, float *logits, int threads) {
+    const int64_t dim = m->dim, H = m->n_heads, KV = m->n_kv_heads, hd = m->head_dim, F = m->hidden;
+    const float eps = (float)m->eps;
+    for (int64_t b = 0; b < B; b++)
+        if (positions[b] < 0 || positions[b] >= m->rope_len || positions[b] >= max_blocks * m->block_size) return -1;
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const corral_linear *ls = &m->layers[l].wq;
+        for (int i = 0; i < 7; i++)
+            if (!corral_decode_supports(ls[i].type)) return -1;
+    }
+    if (!corral_decode_supports(m->output.type)) return -1;
+
+    size_t act_size = 0; /* room for three preparations of the widest input, whatever their types */
+    for (int t = W_Q4_0; corral_q_act_bytes != NULL && t <= W_Q8_0; t++) {
+        if (t != W_Q4_0 && t != W_Q4_1 && t != W_Q8_0) continue;
+        size_t need = 3 * corral_q_act_bytes(t, B, dim > F ? dim : F);
+        act_size = need > act_size ? need : act_size;
+    }
+    float *h = malloc(B * dim * sizeof(float)), *q = malloc(B * H * hd * sizeof(float));
+    float *k = malloc(B * KV * hd * sizeof(float)), *v = malloc(B * KV * hd * sizeof(float));
+    float *att = malloc(B * H * hd * sizeof(float)), *g = malloc(B * F * sizeof(float));
+    float *u = malloc(B * F * sizeof(float));
+    void *act = act_size ? malloc(act_size) : NULL;
+    /* Attention tasks: each (sequence, kv head) pair over its context in splits of `span` positions, so
+       that there are about four tasks per thread, and no split is shorter than 64 positions. */
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
+    const int n_threads = threads > 0 ? threads : 1;
+    int64_t splits = (4 * n_threads + B * KV - 1) / (B * KV);
+    if (splits > (longest + 63) / 64) splits = (longest + 63) / 64;
+    if (splits < 1) splits = 1;
+    const int64_t span = (longest + splits - 1) / splits;
+    float *scores = malloc(n_threads * (H / KV) * span * sizeof(float));
+    float *partial = malloc(B * KV * splits * (H / KV) * (hd + 2) * sizeof(float));
+    if (!h || !q || !k || !v || !att || !g || !u || !scores || !partial || (act_size && !act)) abort();
+
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const corral_layer *L = &m->layers[l];
+        rmsnorm(x, L->attn_norm, h, B, dim, eps);
+        products qkv = {3, B, {{&L->wq, h, NULL, q}, {&L->wk, h, NULL, k}, {&L->wv, h, NULL, v}}};
+        run_products(&qkv, act, act_size, threads);
+        rope(q, B, H, hd, m->rope, positions);
+        rope(k, B, KV, hd, m->rope, positions);
+        const int64_t layer_off = l * m->n_slots * KV * hd;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t slot = slot_of(tables + b * max_blocks, positions[b], m->block_size);
+            memcpy(m->cache_k + layer_off + slot * KV * hd, k + b * KV * hd, KV * hd * sizeof(float));
+            memcpy(m->cache_v + layer_off + slot * KV * hd, v + b * KV * hd, KV * hd * sizeof(float));
+        }
+        attention_job aj = {m, l, B, max_blocks, splits, positions, tables, q, partial, scores, span};
+        corral_parallel(attention_part, &aj, B * KV * splits >= n_threads ? n_threads : (int)(B * KV * splits));
+        attention_combine(&aj, att);
+        products o = {1, B, {{&L->wo, att, NULL, h}}};
+        run_products(&o, act, act_size, threads);
+        for (int64_t i = 0; i < B * dim; i++) x[i] += h[i];
+
+        rmsnorm(x, L->ffn_norm, h, B, dim, eps);
+        products up = {2, B, {{&L->w1, h, NULL, g}, {&L->w3, h, NULL, u}}};
+        run_products(&up, act, act_size, threads);
+        silu_mul(g, u, B * F);
+        products down = {1, B, {{&L->w2, g, NULL, h}}};
+        run_products(&down, act, act_size, threads);
+        for (int64_t i = 0; i < B * dim; i++) x[i] += h[i];
+    }
+    rmsnorm(x, m->norm, h, B, dim, eps);
+    products head = {1, B, {{&m->output, h, NULL, logits}}};
+    run_products(&head, act, act_size, threads);
+    free(h), free(q), free(k), free(v), free(att), free(g), free(u), free(act), free(scores), free(partial);
+    return 0;
+}

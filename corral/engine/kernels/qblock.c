@@ -1,0 +1,443 @@
+/* GGML's block types Q8_0, Q4_0 and Q4_1, and the matrix products of the CPU decode step on them.
+
+   The layouts are GGUF's, bit for bit, so a GGUF tensor's bytes are used as they are. A weight (N, K)
+   is N rows of K / 32 blocks; in a block, element j < 16 is the low nibble of qs[j] and element j + 16
+   its high nibble:
+       Q8_0 (type 8)  34 bytes: fp16 d, int8 q[32]             w = q * d
+       Q4_0 (type 2)  18 bytes: fp16 d, uint8 qs[16]           w = (nibble - 8) * d
+       Q4_1 (type 3)  20 bytes: fp16 d, fp16 m, uint8 qs[16]   w = nibble * d + m
+   (the type numbers are GGML's).
+
+   y (M, N) = x (M, K) @ W^T for the few rows of a decode step. As in llama.cpp, each row of x is
+   quantized once per call into blocks of 32 integers with an fp32 scale (corral_q_prepare), so that a
+   weight block times an activation block is an integer dot product, converted and scaled once per
+   block. llama.cpp uses int8 activations (maddubs); here they are int16 (madd_epi16), which costs a
+   little more arithmetic per byte of weights (decode is memory-bound: it barely shows) and keeps the
+   result near the float product: with int8 the rounding of the activations moved SmolLM2's logits by
+   up to ~1 against the dequantized float model, and two paths that differ by float noise (a cached
+   decode and a full forward) by ~0.03 in a log-probability, as each tiny difference can flip a
+   rounding; with int16 that is ~250 times smaller. The 4-bit nibbles are used unsigned and the offset
+   comes in through the activation block's sum:
+       sum_j (u_j d + m) dx q_j = d dx dot(u, q) + m (dx sum_j q_j)
+   so Q4_0 is Q4_1 with m = -8 d.
+
+   Four output rows go together: their four 8-lane integer sums fold with two hadds into one vector
+   [r0 r1 r2 r3 | r0 r1 r2 r3] (each half a part of each row's sum), which is converted, scaled and
+   accumulated at once instead of four times. The rows of x go MT at a time through each unpacked
+   weight block, so the weights come from memory once per call whatever M. A row of y gets the same
+   arithmetic in the same order whatever M, the tile it falls in and the number of threads: a
+   sequence's logits do not depend on what else is in its batch.
+
+   Code paths, chosen at run time and reported by corral_q_isa():
+       "avx512vnni"  the AVX2 code with vpdpwssd (two madd_epi16 and their sum in two instructions)
+       "avx2"        AVX2 + FMA + F16C, which the whole library is compiled for
+       "scalar"      plain C, the reference for any other CPU
+   An ARM build would add a NEON path the same way (vmlal_s16 is the same int16 product).
+
+   Prepared activations (corral_q_act_bytes bytes; opaque to callers but for the tests), block-major:
+       int16 q[K/32][M][32]   the quantized values, |q| <= 32767
+       float d[K/32][M]       their scales, max|x| / 32767
+       float s[K/32][M]       d * sum(q), for the 4-bit types' offset term */
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define QK 32 /* elements per block */
+#define R 4   /* output rows per pass */
+#define MT 4  /* rows of x per pass */
+
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+
+static inline int block_bytes(int type) {
+    return type == Q8_0 ? 34 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 0;
+}
+
+/* IEEE half -> float, without F16C (the scalar path's). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        exp = 113;
+        while (!(man & 0x400)) man <<= 1, exp--;
+        bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t load16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h;
+}
+
+/* --- prepared activations --------------------------------------------------------------------------- */
+
+#define QMAX 32767.0f
+
+typedef struct {
+    int16_t *q;
+    float *d, *s;
+} acts;
+
+static acts act_view(const void *act, int64_t M, int64_t K) {
+    int64_t n = K / QK * M;
+    acts a;
+    a.q = (int16_t *)act;
+    a.d = (float *)(a.q + n * QK);
+    a.s = a.d + n;
+    return a;
+}
+
+size_t corral_q_act_bytes(int type, int64_t M, int64_t K) {
+    (void)type; /* one layout for every type */
+    size_t blocks = (size_t)(K / QK) * (size_t)M;
+    return (blocks * (QK * sizeof(int16_t) + 2 * sizeof(float)) + 63) & ~(size_t)63;
+}
+
+/* 32 floats -> 32 int16 q = round(x / d), d = max|x| / 32767 (rounding to nearest even), and d * sum(q). */
+static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_out) {
+#ifdef __AVX2__
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / QMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
+    __m256i n[4];
+    __m256 total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        total = _mm256_add_ps(total, r);
+        n[i] = _mm256_cvtps_epi32(r);
+    }
+    /* packs works within 128-bit lanes: the permute puts the 64-bit groups back in order */
+    for (int i = 0; i < 2; i++) {
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(n[2 * i], n[2 * i + 1]), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + 16 * i), packed);
+    }
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    *d_out = d;
+    *s_out = d * _mm_cvtss_f32(t);
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / QMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < QK; j++) {
+        q[j] = (int16_t)nearbyintf(x[j] * id);
+        sum += q[j];
+    }
+    *d_out = d;
+    *s_out = d * (float)sum;
+#endif
+}
+
+void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K) {
+    (void)type;
+    const int64_t nb = K / QK;
+    acts a = act_view(act, M, K);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t j = b * M + m;
+            quantize_block(x + m * K + b * QK, a.q + j * QK, a.d + j, a.s + j);
+        }
+}
+
+/* --- the scalar path (the reference) ----------------------------------------------------------------- */
+
+static void rows_scalar(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                        int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK, row = nb * block_bytes(type);
+    acts a = act_view(act, M, K);
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + n * row + b * block_bytes(type);
+                const int16_t *q = a.q + (b * M + m) * QK;
+                const float dx = a.d[b * M + m], dw = half_to_float(load16(blk));
+                int32_t dot = 0;
+                if (type == Q8_0) {
+                    for (int j = 0; j < QK; j++) dot += (int8_t)blk[2 + j] * q[j];
+                    sum += dw * dx * (float)dot;
+                } else {
+                    const uint8_t *qs = blk + (type == Q4_1 ? 4 : 2);
+                    for (int j = 0; j < QK / 2; j++) dot += (qs[j] & 0x0F) * q[j] + (qs[j] >> 4) * q[j + QK / 2];
+                    const float mw = type == Q4_1 ? half_to_float(load16(blk + 2)) : -8.0f * dw;
+                    sum += dw * dx * (float)dot + mw * a.s[b * M + m];
+                }
+            }
+            y[m * N + n] = sum;
+        }
+}
+
+/* --- AVX2 and AVX-512 VNNI ---------------------------------------------------------------------------- */
+
+#ifdef __AVX2__
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* w . x for 32 int16 each (two halves) -> 8 int32, each the sum of 4 products. No overflow: |w| <= 128,
+   |x| <= 32767, and the later folds add at most 16 products (< 2^27). */
+static ALWAYS_INLINE __m256i dot_avx2(const __m256i w[2], __m256i x0, __m256i x1) {
+    return _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1));
+}
+
+VNNI_TARGET static inline __m256i dot_vnni(const __m256i w[2], __m256i x0, __m256i x1) {
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(w[0], x0), w[1], x1);
+}
+
+/* A block's 32 weights (as integers: Q8_0's q, the 4-bit types' unsigned nibbles) -> 2 x 16 int16. */
+static ALWAYS_INLINE void widen(const int type, const uint8_t *blk, __m256i out[2]) {
+    if (type == Q8_0) {
+        out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+    } else {
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + (type == Q4_1 ? 4 : 2))));
+        out[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)); /* elements 0..15: low nibbles */
+        out[1] = _mm256_srli_epi16(bytes, 4);                       /* elements 16..31: high nibbles */
+    }
+}
+
+/* The fp16 scale d at the start of the R rows' blocks -> 4 floats. */
+static ALWAYS_INLINE __m128 scales4(const uint8_t *const p[R]) {
+    uint64_t h = 0;
+    for (int r = 0; r < R; r++) h |= (uint64_t)load16(p[r]) << (16 * r);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+}
+
+/* Q4_1's d and m of the R rows' blocks (4 bytes each) in one conversion -> [d0 d1 d2 d3 m0 m1 m2 m3]. */
+static ALWAYS_INLINE __m256 scales_mins4(const uint8_t *const p[R]) {
+    uint32_t v[R];
+    for (int r = 0; r < R; r++) memcpy(&v[r], p[r], 4);
+    const __m128i lo = _mm_cvtsi64_si128((long long)(v[0] | (uint64_t)v[1] << 32));
+    const __m128i hi = _mm_cvtsi64_si128((long long)(v[2] | (uint64_t)v[3] << 32));
+    const __m256 dm = _mm256_cvtph_ps(_mm_unpacklo_epi64(lo, hi)); /* d0 m0 d1 m1 d2 m2 d3 m3 */
+    return _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
+/* Output rows n .. n + nvalid - 1 (w[] holds R row pointers; the tail repeats the last row) for rows
+   m0 .. m0 + mt - 1 of x. type, vnni and mt are constants wherever this is inlined. */
+static ALWAYS_INLINE void tile(const int type, const int vnni, const int mt, acts a, const uint8_t *const w[R],
+                               int64_t nb, int64_t M, int64_t m0, float *y, int64_t N, int64_t n, int nvalid) {
+    const int bytes = block_bytes(type);
+    const int64_t next_group = R * nb * bytes; /* from a row to the same row of the next R */
+    __m256 acc[MT];
+    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p[R];
+        for (int r = 0; r < R; r++) p[r] = w[r] + b * bytes;
+        /* Short rows (K = 576: 10 cache lines) are too short for the hardware prefetcher to pick up four
+           streams in time; fetching the next group's block meanwhile doubled Q8_0's speed there. */
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(p[r] + next_group), _MM_HINT_T0);
+        __m256 dw, mw = _mm256_setzero_ps(); /* [d0 d1 d2 d3 | d0 d1 d2 d3], [m0 m1 m2 m3 | 0 0 0 0] */
+        if (type == Q4_1) {
+            const __m256 dm = scales_mins4(p);
+            dw = _mm256_permute2f128_ps(dm, dm, 0x00);
+            mw = _mm256_permute2f128_ps(dm, dm, 0x81); /* m in one half only: the halves are summed at the end */
+        } else {
+            const __m128 d4 = scales4(p);
+            dw = _mm256_set_m128(d4, d4);
+            if (type == Q4_0) mw = _mm256_set_m128(_mm_setzero_ps(), _mm_mul_ps(d4, _mm_set1_ps(-8.0f)));
+        }
+        __m256i wv[R][2];
+        for (int r = 0; r < R; r++) widen(type, p[r], wv[r]);
+        for (int i = 0; i < mt; i++) {
+            const int64_t j = b * M + m0 + i;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a.q + j * QK));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a.q + j * QK + 16));
+            __m256i s[R];
+            for (int r = 0; r < R; r++) s[r] = vnni ? dot_vnni(wv[r], x0, x1) : dot_avx2(wv[r], x0, x1);
+            const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(a.d + j));
+            if (type == Q8_0) {
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);
+            } else { /* one add on the loop-carried chain, not two FMAs (latency bound at M = 1 otherwise) */
+                const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale);
+                acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(mw, _mm256_broadcast_ss(a.s + j), t));
+            }
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        const __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+        float *out = y + (m0 + i) * N + n;
+        if (nvalid == R)
+            _mm_storeu_ps(out, t);
+        else /* the lanes of the rows that exist */
+            _mm_maskstore_ps(out, _mm_cmpgt_epi32(_mm_set1_epi32(nvalid), _mm_setr_epi32(0, 1, 2, 3)), t);
+    }
+}
+
+static ALWAYS_INLINE void rows_simd(const int type, const int vnni, const void *act, const uint8_t *w, float *y,
+                                    int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK, row = nb * block_bytes(type);
+    const acts a = act_view(act, M, K);
+    for (int64_t n = n0; n < n1; n += R) {
+        const int nvalid = n1 - n < R ? (int)(n1 - n) : R;
+        const uint8_t *wr[R];
+        for (int r = 0; r < R; r++) wr[r] = w + (n + (r < nvalid ? r : nvalid - 1)) * row;
+        int64_t m = 0;
+        for (; m + MT <= M; m += MT) tile(type, vnni, MT, a, wr, nb, M, m, y, N, n, nvalid);
+        switch (M - m) {
+        case 3: tile(type, vnni, 3, a, wr, nb, M, m, y, N, n, nvalid); break;
+        case 2: tile(type, vnni, 2, a, wr, nb, M, m, y, N, n, nvalid); break;
+        case 1: tile(type, vnni, 1, a, wr, nb, M, m, y, N, n, nvalid); break;
+        }
+    }
+}
+
+static void rows_avx2(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                      int64_t n0, int64_t n1) {
+    if (type == Q4_0) rows_simd(Q4_0, 0, act, w, y, M, N, K, n0, n1);
+    else if (type == Q4_1) rows_simd(Q4_1, 0, act, w, y, M, N, K, n0, n1);
+    else if (type == Q8_0) rows_simd(Q8_0, 0, act, w, y, M, N, K, n0, n1);
+}
+
+VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
+                                  int64_t K, int64_t n0, int64_t n1) {
+    if (type == Q4_0) rows_simd(Q4_0, 1, act, w, y, M, N, K, n0, n1);
+    else if (type == Q4_1) rows_simd(Q4_1, 1, act, w, y, M, N, K, n0, n1);
+    else if (type == Q8_0) rows_simd(Q8_0, 1, act, w, y, M, N, K, n0, n1);
+}
+#endif
+
+/* --- dispatch ------------------------------------------------------------------------------------------ */
+
+enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI };
+static const char *const ISA_NAMES[] = {"scalar", "avx2", "avx512vnni"};
+
+static int isa(void) {
+    static int chosen = -1; /* a race only computes the same value twice */
+    if (chosen < 0) {
+        int best = ISA_SCALAR;
+#ifdef __AVX2__
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
+        if (best == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            best = ISA_VNNI;
+#endif
+        chosen = best;
+    }
+    return chosen;
+}
+
+const char *corral_q_isa(void) { return ISA_NAMES[isa()]; }
+
+int corral_q_row_align(void) { return R; }
+
+void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                          int64_t n0, int64_t n1) {
+    if (block_bytes(type) == 0 || n0 >= n1) return;
+#ifdef __AVX2__
+    if (isa() == ISA_VNNI) return rows_vnni(type, act, w, y, M, N, K, n0, n1);
+    if (isa() == ISA_AVX2) return rows_avx2(type, act, w, y, M, N, K, n0, n1);
+#endif
+    rows_scalar(type, act, w, y, M, N, K, n0, n1);
+}
+
+/* --- the whole product through the shared pool -------------------------------------------------------- */
+
+struct q_job {
+    int type;
+    const void *act;
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K;
+};
+
+static void q_part(void *ctx, int part, int parts) {
+    const struct q_job *j = ctx;
+    long long n0, n1;
+    corral_split(j->N, R, part, parts, &n0, &n1);
+    if (part == parts - 1) n1 = j->N; /* the rows past the last multiple of R */
+    corral_q_matvec_rows(j->type, j->act, j->w, j->y, j->M, j->N, j->K, n0, n1);
+}
+
+void corral_q_matvec(int type, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                     int threads) {
+    static __thread void *scratch; /* the calling thread's prepared activations, grown as needed */
+    static __thread size_t capacity;
+    const size_t need = corral_q_act_bytes(type, M, K);
+    if (need > capacity) {
+        free(scratch);
+        scratch = aligned_alloc(64, need);
+        capacity = scratch ? need : 0;
+        if (!scratch) abort();
+    }
+    corral_q_prepare(type, x, scratch, M, K);
+    if (N / R < 2 * threads) threads = 1;
+    struct q_job j = {type, scratch, w, y, M, N, K};
+    corral_parallel(q_part, &j, threads);
+}
+
+/* --- dequantization ------------------------------------------------------------------------------------ */
+
+/* Bit for bit gguf.quants.dequantize: Q8_0 q * d, Q4_0 (nibble - 8) * d, and Q4_1 nibble * d + m with
+   the product rounded before the sum (the compiler would fuse the two into an FMA: hence the empty asm
+   between them). The prefill path dequantizes a chunk of rows at a time with this. */
+void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_elements) {
+    const int bytes = block_bytes(type);
+    if (bytes == 0) return;
+    for (int64_t b = 0; b < n_elements / QK; b++, w += bytes, out += QK) {
+        const float d = half_to_float(load16(w));
+#ifdef __AVX2__
+        const __m256 dv = _mm256_set1_ps(d);
+        __m256i q[4]; /* the block's 32 values as int32, 8 at a time */
+        if (type == Q8_0) {
+            for (int i = 0; i < 4; i++) q[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + 8 * i)));
+        } else { /* bytes 0..7 and 8..15: elements 0..15 in their low nibbles, 16..31 in their high ones */
+            const uint8_t *qs = w + (type == Q4_1 ? 4 : 2);
+            for (int i = 0; i < 2; i++) {
+                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
+                q[i] = _mm256_and_si256(b, _mm256_set1_epi32(0x0F));
+                q[i + 2] = _mm256_srli_epi32(b, 4);
+            }
+            if (type == Q4_0)
+                for (int i = 0; i < 4; i++) q[i] = _mm256_sub_epi32(q[i], _mm256_set1_epi32(8));
+        }
+        const __m256 mv = _mm256_set1_ps(type == Q4_1 ? half_to_float(load16(w + 2)) : 0.0f);
+        for (int i = 0; i < 4; i++) {
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), dv);
+            if (type == Q4_1) {
+                __asm__("" : "+x"(v));
+                v = _mm256_add_ps(v, mv);
+            }
+            _mm256_storeu_ps(out + 8 * i, v);
+        }
+#else
+        if (type == Q8_0) {
+            for (int j = 0; j < QK; j++) out[j] = (float)(int8_t)w[2 + j] * d;
+            continue;
+        }
+        const float m = type == Q4_1 ? half_to_float(load16(w + 2)) : 0.0f;
+        const uint8_t *qs = w + (type == Q4_1 ? 4 : 2);
+        for (int j = 0; j < QK; j++) {
+            const int u = j < QK / 2 ? qs[j] & 0x0F : qs[j - QK / 2] >> 4;
+            volatile float v = (float)(type == Q4_0 ? u - 8 : u) * d;
+            out[j] = type == Q4_1 ? v + m : v;
+        }
+#endif
+    }
+}

@@ -1,0 +1,288 @@
+"""GGUF block quantization (corral/engine/qblock.py, kernels/qblock.c): the quantizers and dequantizers
+bit-exact with the `gguf` package's own, the kernel against a float64 reference for every decode batch
+size, the code path the CPU should take, the modules (kernel, prefill and no-kernel paths), and block
+checkpoints (`corral quantize --scheme int4 / q4_1 / q8_0`) saved and loaded back."""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from corral.engine import cpu_kernels, qblock
+from corral.engine.qblock import BlockEmbedding, BlockLinear, QType
+
+TYPES = list(QType)
+DECODE_ROWS = [1, 2, 3, 4, 5, 8, 16, 17, 31, 32]
+
+
+def gguf_type(qtype: QType) -> gguf.GGMLQuantizationType:
+    return gguf.GGMLQuantizationType[qtype.name]
+
+
+def awkward_weight(n: int = 96, k: int = 320) -> torch.Tensor:
+    """Random weights with the blocks a quantizer can get wrong."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    w[0, :32] = 0  # an all-zero block (d = 0)
+    w[1, 3], w[1, 9] = 1.0, -1.0  # a tie of magnitude: the first one sets Q4_0's sign
+    w[2, 32:64] = 0.25  # a constant block (max == min for Q4_1)
+    w[3, 64:96] = torch.linspace(-3, 3, 32)  # values on exact rounding boundaries
+    w[4, 96:128] = 1e-6  # tiny scales (fp16 subnormals)
+    return w
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """qblock as on a machine without the compiled kernels."""
+    monkeypatch.setattr(qblock, "_tried", True)
+    monkeypatch.setattr(qblock, "_lib", None)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_quantize_and_dequantize_equal_gguf(qtype):
+    w = awkward_weight()
+    ref = gguf.quants.quantize(w.numpy(), gguf_type(qtype))
+    ours = qblock.quantize(w, qtype)
+    assert ours.shape == (96, 320 // 32 * qtype.block_bytes) and ours.dtype == torch.uint8
+    assert np.array_equal(ours.numpy(), ref)  # the same bytes: GGUF's layout
+    want = torch.from_numpy(gguf.quants.dequantize(ref, gguf_type(qtype)))
+    assert torch.equal(qblock._dequantize_torch(ours, qtype), want)
+    assert torch.equal(qblock.dequantize(ours, qtype), want)  # the C dequantizer where it runs
+    assert torch.equal(qblock.dequantize(ours, str(qtype), torch.bfloat16), want.bfloat16())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_round_trip(qtype):
+    """Blocks -> floats -> the same blocks; floats -> blocks -> floats within one quantization step."""
+    w = torch.randn(40, 256) * 0.05
+    blocks = qblock.quantize(w, qtype)
+    back = qblock.dequantize(blocks, qtype)
+    assert torch.equal(qblock.quantize(back, qtype), blocks)
+    step = {QType.Q8_0: 1 / 127, QType.Q4_0: 1 / 8, QType.Q4_1: 1 / 15}[qtype]
+    block_range = w.view(40, 8, 32).abs().amax(-1, keepdim=True) * 2
+    assert ((back - w).view(40, 8, 32).abs() <= block_range * step + 1e-6).all()
+
+
+def test_quantize_checks_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        qblock.quantize(torch.randn(4, 40), "q8_0")
+    with pytest.raises(ValueError, match="unknown block type 'q5_0'"):
+        qblock.quantize(torch.randn(4, 64), "q5_0")
+    assert QType.of("Q4_1") is QType.Q4_1 and QType.of(8) is QType.Q8_0 and int(QType.Q4_0) == 2
+
+
+def test_isa_is_the_best_this_cpu_has():
+    """No silent fallback: where the kernels build, they take the widest path the CPU offers."""
+    flags = cpu_kernels.cpu_flags()
+    if not cpu_kernels.available():
+        assert qblock.kernel_isa() is None
+        return
+    want = "avx512vnni" if {"avx512vnni", "avx512bw", "avx512vl"} <= flags else "avx2"
+    assert qblock.kernel_isa() == want
+
+
+def prepared(lib, qtype: QType, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's quantized activations (its layout: int16 q[K/32][M][32], then fp32 d[K/32][M]) as
+    (M, K) values and (M, K/32) scales."""
+    m, k = x.shape
+    nb = k // 32
+    act = torch.zeros(lib.corral_q_act_bytes(int(qtype), m, k), dtype=torch.uint8)
+    lib.corral_q_prepare(int(qtype), x.data_ptr(), act.data_ptr(), m, k)
+    q = act[: nb * m * 64].view(torch.int16).view(nb, m, 32).permute(1, 0, 2).reshape(m, k)
+    d = act[nb * m * 64: nb * m * 68].view(torch.float32).view(nb, m).T
+    return q, d
+
+
+@pytest.mark.parametrize("m", DECODE_ROWS)
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_kernel_matches_float64(qtype, m):
+    """y = (the kernel's quantized x) @ dequantized W^T in float64, for every decode batch size, odd N
+    (a tail of rows past the last group of four) and a wide K."""
+    lib = qblock._kernel()
+    if lib is None:
+        pytest.skip("no compiled kernels on this machine (test_isa_is_the_best_this_cpu_has covers why)")
+    for n, k in [(37, 96), (13, 576), (4, 32)]:
+        gen = torch.Generator().manual_seed(m * 1000 + n)
+        w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(m, k, generator=gen)
+        x[0, :32] = 0  # an all-zero activation block
+        blocks = qblock.quantize(w, qtype)
+        q, d = prepared(lib, qtype, x)
+        xq = q.double() * d.double().repeat_interleave(32, dim=1)
+        assert (xq - x.double()).abs().max() <= x.abs().max() / 65534 * 1.001  # 16 bits per block of 32
+        want = xq @ qblock.dequantize(blocks, qtype).double().T
+        got = qblock.matvec(x, blocks, qtype)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (n, k)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_rows_do_not_depend_on_the_batch(qtype):
+    """A row's result is bit-identical alone, in any batch and with any number of threads: a sequence's
+    logits do not depend on what else the engine batches with it."""
+    if qblock._kernel() is None:
+        pytest.skip("no compiled kernels on this machine")
+    w, x = torch.randn(64, 256), torch.randn(17, 256)
+    blocks = qblock.quantize(w, qtype)
+    batch = qblock.matvec(x, blocks, qtype)
+    for i in (0, 5, 16):
+        assert torch.equal(qblock.matvec(x[i:i + 1], blocks, qtype)[0], batch[i])
+        assert torch.equal(qblock.matvec(x[i:i + 3], blocks, qtype)[0], batch[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(qblock.matvec(x, blocks, qtype), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_row_ranges(qtype):
+    """corral_q_matvec_rows (what the native decode step calls) fills exactly columns n0..n1-1."""
+    lib = qblock._kernel()
+    if lib is None:
+        pytest.skip("no compiled kernels on this machine")
+    align = lib.corral_q_row_align()
+    n, k, m = 6 * align + 3, 64, 3
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    blocks = qblock.quantize(w, qtype)
+    full = qblock.matvec(x, blocks, qtype)
+    act = torch.zeros(lib.corral_q_act_bytes(int(qtype), m, k), dtype=torch.uint8)
+    lib.corral_q_prepare(int(qtype), x.data_ptr(), act.data_ptr(), m, k)
+    y = torch.full((m, n), float("nan"))
+    for n0, n1 in [(0, align), (align, 4 * align), (4 * align, n)]:
+        lib.corral_q_matvec_rows(int(qtype), act.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, n, k, n0, n1)
+    assert torch.equal(y, full)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_block_linear(qtype):
+    """Decode-sized inputs through the kernel (close to the float product: the activations are rounded
+    to 16 bits), prefill-sized ones through the dequantized weights (the float product), bias and bf16."""
+    torch.manual_seed(1)
+    w, b = torch.randn(48, 128) * 0.05, torch.randn(48)
+    lin = BlockLinear(128, 48, qtype, bias=True)
+    lin.weight, lin.bias = qblock.quantize(w, qtype), torch.nn.Parameter(b)
+    assert lin.blocks is lin.weight and lin.qtype == qtype
+    ref = qblock.dequantize(lin.blocks, qtype)
+    prefill = torch.randn(2, 20, 128)  # 40 rows
+    assert torch.allclose(lin(prefill), prefill @ ref.T + b, atol=1e-5)
+    decode = torch.randn(3, 1, 128)
+    want = decode @ ref.T + b
+    assert torch.allclose(lin(decode), want, atol=1e-4 * want.abs().max().item())
+    out = lin(decode.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), want, atol=0.05 * want.abs().max().item())
+
+
+def test_block_linear_without_the_kernel(no_kernel):
+    """Without the compiled kernels every input takes the dequantizing path: the float product."""
+    w = torch.randn(40, 64)
+    lin = BlockLinear(64, 40, "q4_1")
+    lin.weight = qblock.quantize(w, "q4_1")
+    x = torch.randn(1, 64)
+    assert torch.allclose(lin(x), x @ qblock._dequantize_torch(lin.blocks, QType.Q4_1).T, atol=1e-5)
+    assert qblock.kernel_isa() is None
+    with pytest.raises(RuntimeError, match="not available"):
+        qblock.matvec(x, lin.blocks, "q4_1")
+
+
+def test_embedding_rows():
+    w = torch.randn(50, 64)
+    emb = BlockEmbedding(50, 64, "q8_0")
+    emb.weight = qblock.quantize(w, "q8_0")
+    ids = torch.tensor([[0, 7, 49], [7, 7, 3]])
+    assert torch.equal(emb(ids), qblock.dequantize(emb.weight, "q8_0")[ids])
+
+
+def tiny_transformer(tie: bool = True):
+    from corral.models.config import ModelConfig
+    from corral.models.llama import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden_dim=128,
+                         head_dim=16, tie_embeddings=tie, max_seq_len=64)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.ndim == 2 else p.fill_(1.0)
+    if tie:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=str)
+def test_quantize_model_blocks(qtype):
+    """Every Linear becomes a BlockLinear, the tied embedding reads the head's blocks, and a prefill gives
+    the logits of the float model with the dequantized weights."""
+    import copy
+
+    model = tiny_transformer()
+    ref = copy.deepcopy(model)
+    qblock.quantize_model_blocks(model, qtype)
+    assert isinstance(model.output, BlockLinear) and isinstance(model.layers[1].feed_forward.w2, BlockLinear)
+    assert isinstance(model.tok_embeddings, BlockEmbedding) and model.tok_embeddings.weight is model.output.weight
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 2:
+                p.copy_(qblock.dequantize(qblock.quantize(p, qtype), qtype))
+    toks = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(toks), ref(toks), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory, smollm2_gguf):
+    from tests.customize.test_save import make_hf_source
+
+    return make_hf_source(tmp_path_factory.mktemp("qblock"), smollm2_gguf, n_layers=2)[0]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "q4_1", "q8_0"])
+def test_block_checkpoint_saves_and_reloads(tmp_path, hf_source, scheme):
+    """`corral quantize --scheme SCHEME` writes the blocks with the scheme in the metadata; the directory
+    loads back alone to the logits of quantizing at load time."""
+    import json
+
+    from corral.checkpoints import load_model
+    from corral.customize.quantize import quantize_checkpoint
+    from tests.checkpoints import tiny
+
+    source = hf_source
+    out = quantize_checkpoint(source, tmp_path / scheme, scheme, progress=False)
+    meta = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert meta["scheme"] == scheme and meta["format"] == {"int4": "q4_0"}.get(scheme, scheme)
+    reloaded, checkpoint = load_model(out)
+    assert checkpoint.quantization == scheme
+    wq = reloaded.layers[0].attention.wq
+    assert isinstance(wq, BlockLinear) and wq.qtype == QType.of(meta["format"])
+    at_load, _ = load_model(source, quantize=scheme)
+    toks = torch.randint(0, reloaded.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n_prefill in (12, 4):  # the prefill path, then decode steps through the kernel
+            assert torch.equal(tiny.corral_logits(reloaded, toks, n_prefill), tiny.corral_logits(at_load, toks, n_prefill))
+
+
+def test_the_cli_and_run_config_accept_the_block_schemes():
+    import argparse
+
+    from corral.cli.common import add_model_arguments
+    from corral.stack.config import ModelEntry
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    for name in ("int4", "q4_0", "q4_1", "q8_0"):
+        assert p.parse_args(["--quantize", name]).quantize == name
+        assert ModelEntry(model_id="m", provider_id="inline", quantize=name).quantize == name
+
+
+def test_declared_c_api():
+    """The C functions the native decode step calls exist with these names."""
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no compiled kernels on this machine")
+    for name in ("corral_q_act_bytes", "corral_q_prepare", "corral_q_matvec_rows", "corral_q_row_align",
+                 "corral_q_matvec", "corral_q_dequantize", "corral_q_isa"):
+        assert isinstance(getattr(lib, name), ctypes._CFuncPtr)
