@@ -186,6 +186,7 @@ static inline int64_t slot_of(const int32_t *table, int64_t pos, int64_t bs) {
 /* Keys and values of one position are a short row (hd floats) every n_kv_heads * hd floats: the hardware
    prefetcher does not run far enough ahead on such strides, so each position asks for a later one's row. */
 #define AHEAD 8
+#define SPAN 256 /* positions per attention task */
 static inline void prefetch_row(const float *row, int64_t hd) {
     for (int64_t i = 0; i < hd; i += 16) _mm_prefetch((const char *)(row + i), _MM_HINT_T0);
 }
@@ -347,15 +348,14 @@ int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t
     float *att = malloc(B * H * hd * sizeof(float)), *g = malloc(B * F * sizeof(float));
     float *u = malloc(B * F * sizeof(float));
     void *act = act_size ? malloc(act_size) : NULL;
-    /* Attention tasks: each (sequence, kv head) pair over its context in splits of `span` positions, so
-       that there are about four tasks per thread, and no split is shorter than 64 positions. */
+    /* Attention tasks: each (sequence, kv head) pair over its context in splits of SPAN positions. The
+       split points depend on nothing but the position, so a sequence's result is the same bits whatever
+       else is in the batch (greedy outputs of a batch equal the same requests alone; speculative
+       verification equals single steps). */
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
     const int n_threads = threads > 0 ? threads : 1;
-    int64_t splits = (4 * n_threads + B * KV - 1) / (B * KV);
-    if (splits > (longest + 63) / 64) splits = (longest + 63) / 64;
-    if (splits < 1) splits = 1;
-    const int64_t span = (longest + splits - 1) / splits;
+    const int64_t span = SPAN, splits = (longest + SPAN - 1) / SPAN;
     float *scores = malloc(n_threads * (H / KV) * span * sizeof(float));
     float *partial = malloc(B * KV * splits * (H / KV) * (hd + 2) * sizeof(float));
     if (!h || !q || !k || !v || !att || !g || !u || !scores || !partial || (act_size && !act)) abort();
