@@ -194,7 +194,9 @@ def test_a_client_that_disconnects_stops_the_response(client, inline_server):
     stream.close()
     settled()
     with pytest.raises(httpx.TimeoutException):  # not streamed: the client gives up while it generates
-        httpx.post(inline_server.base_url + "/responses", json=long, timeout=3,
+        # 0.5 s: the native decode step writes 400 tokens in ~4 s on these 2 cores, so a 3 s wait could see
+        # the whole answer
+        httpx.post(inline_server.base_url + "/responses", json=long | {"input": "Count from 1 to 2000."}, timeout=0.5,
                    headers={"Authorization": f"Bearer {API_KEY}"})
     settled()
     assert stored() == n_stored  # nothing half-made was stored
