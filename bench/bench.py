@@ -243,7 +243,8 @@ def with_llama3_tokenizer(hf_dir: Path, out: Path) -> Path:
 
     spec = importlib.util.find_spec("llama_models")
     if spec is None:
-        raise RuntimeError("llama-1b needs the llama-models package (Meta's Llama 3 tokenizer.model)")
+        raise RuntimeError("llama-1b needs the llama-models package (Meta's Llama 3 tokenizer.model): "
+                           "pip install llama-models==0.3.0")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "config.json"):
         if not (out / name).exists():

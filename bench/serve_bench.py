@@ -222,20 +222,7 @@ def corral_checkpoint(base: str, workdir: Path) -> Path:
     path = Path(weights.prepare(base, workdir)["corral"])
     if base != "llama-1b":
         return path
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None:
-        raise RuntimeError("llama-1b needs the llama-models package (Meta's Llama 3 tokenizer.model): "
-                           "pip install llama-models==0.3.0")
-    serve_dir = workdir / "llama-1b-random-serve"
-    serve_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        if not (serve_dir / name).exists():
-            (serve_dir / name).symlink_to(path / name)
-    if not (serve_dir / "tokenizer.model").is_file():
-        shutil.copy(Path(spec.origin).parent / "llama3" / "tokenizer.model", serve_dir / "tokenizer.model")
-    return serve_dir
+    return weights.with_llama3_tokenizer(path, workdir / "llama-1b-random-serve")
 
 
 class CorralServer:

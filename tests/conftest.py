@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from corral.engine import cpu_kernels
+
 torch.set_num_threads(2)
+
+# Tests of the compiled CPU kernels. Where they can be built (AVX2/FMA and a C compiler: these CI machines)
+# the tests run, and fail if the kernels did not build or load; only on other CPUs are they marked.
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.can_build(),
+                                       reason="no x86 CPU with AVX2/FMA and a C compiler: the kernels cannot exist")
 
 
 @pytest.fixture(scope="session")

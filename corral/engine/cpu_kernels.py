@@ -56,6 +56,11 @@ def _cpu_has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 
 
+def can_build() -> bool:
+    """Whether the kernels can exist here at all: x86 Linux with AVX2/FMA and a C compiler."""
+    return sys.platform.startswith("linux") and _cpu_has_avx2_fma() and _compiler() is not None
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):

@@ -15,11 +15,11 @@ from corral.models.config import ModelConfig
 from corral.models.llama import Transformer
 
 
-def tiny(seed=0, max_seq_len=1024) -> Transformer:
+def tiny(seed=0, max_seq_len=1024, **overrides) -> Transformer:
     torch.manual_seed(seed)
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=128,
-                         max_seq_len=max_seq_len, rope_theta=10000.0)
-    model = Transformer(config).eval()
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=128,
+                  max_seq_len=max_seq_len, rope_theta=10000.0)
+    model = Transformer(ModelConfig(**(fields | overrides))).eval()
     with torch.no_grad():  # larger logits than the default init, so greedy choices are well separated
         model.output.weight.mul_(20)
     return model

@@ -10,26 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corral.engine import cpu_kernels
 from corral.engine.engine import Engine
 from corral.engine.native import NativeDecoder
 from corral.engine.quantize import quantize_model_int8
 from corral.engine.sampling import SamplingParams
-from corral.models.config import ModelConfig
-from corral.models.llama import Transformer
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
-                                   reason="the native step needs the compiled CPU kernels (AVX2 + a C compiler)")
-
-
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=128, max_seq_len=512,
-                  rope_theta=10000.0)
-    model = Transformer(ModelConfig(**(fields | overrides))).eval()
-    with torch.no_grad():
-        model.output.weight.mul_(20)
-    return model
+from tests.conftest import needs_cpu_kernels
+from tests.engine.test_engine import tiny
 
 
 def decode_step_both_ways(model, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +36,7 @@ def decode_step_both_ways(model, prompts: list[list[int]]) -> tuple[torch.Tensor
     return eager[rows].float(), fast
 
 
-@needs_kernels
+@needs_cpu_kernels
 @pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "n_heads": 4},
                                        {"tie_embeddings": True}])
 def test_fp32_step_equals_eager(overrides):
@@ -60,14 +47,14 @@ def test_fp32_step_equals_eager(overrides):
     torch.testing.assert_close(fast, eager, rtol=2e-6, atol=1e-4)  # fp32 rounding at |logits| ~ 500
 
 
-@needs_kernels
+@needs_cpu_kernels
 def test_int8_step_equals_eager():
     model = quantize_model_int8(tiny(seed=1, vocab_size=96))  # the int8 kernel packs rows by 4
     eager, fast = decode_step_both_ways(model, [[1, 2, 3], list(range(50)), list(range(20, 37))])
     torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
 
 
-@needs_kernels
+@needs_cpu_kernels
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
 def test_gguf_block_step_equals_eager(qtype):
     """Both paths run the same block kernel (activations rounded to int16 per block of 32) on the same
@@ -80,7 +67,7 @@ def test_gguf_block_step_equals_eager(qtype):
     torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
 
 
-@needs_kernels
+@needs_cpu_kernels
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_real_model_step_equals_eager_and_greedy_tokens_agree(smollm2_gguf, quantize):
     from corral.checkpoints import load_model
@@ -110,7 +97,7 @@ def test_disabled_by_environment(monkeypatch):
     assert Engine(tiny(), kv_cache_mb=1).native is None
 
 
-@needs_kernels
+@needs_cpu_kernels
 def test_refuses_positions_outside_its_tables():
     model = tiny()
     engine = Engine(model, kv_cache_mb=1)
@@ -119,7 +106,7 @@ def test_refuses_positions_outside_its_tables():
         decoder([1], [40], [[0]])  # position 40 needs a third block of 16
 
 
-@needs_kernels
+@needs_cpu_kernels
 @pytest.mark.parametrize("lengths", [(300,), (450, 3), (200, 130, 64, 65)])
 def test_long_contexts_split_across_threads_equal_eager(lengths):
     """Long contexts are attended in splits merged afterwards (flash-decoding); a batch mixes lengths."""

@@ -15,6 +15,8 @@ import torch
 from corral.engine import cpu_kernels, qblock
 from corral.engine.qblock import BlockEmbedding, BlockLinear, QType
 
+from tests.conftest import needs_cpu_kernels
+
 TYPES = list(QType)
 DECODE_ROWS = [1, 2, 3, 4, 5, 8, 16, 17, 31, 32]
 
@@ -97,14 +99,14 @@ def prepared(lib, qtype: QType, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, d
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("m", DECODE_ROWS)
 @pytest.mark.parametrize("qtype", TYPES, ids=str)
 def test_kernel_matches_float64(qtype, m):
     """y = (the kernel's quantized x) @ dequantized W^T in float64, for every decode batch size, odd N
     (a tail of rows past the last group of four) and a wide K."""
     lib = qblock._kernel()
-    if lib is None:
-        pytest.skip("no compiled kernels on this machine (test_isa_is_the_best_this_cpu_has covers why)")
+    assert lib is not None, "the block kernels did not build or failed their self-test"
     for n, k in [(37, 96), (13, 576), (4, 32)]:
         gen = torch.Generator().manual_seed(m * 1000 + n)
         w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(m, k, generator=gen)
@@ -119,12 +121,12 @@ def test_kernel_matches_float64(qtype, m):
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (n, k)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("qtype", TYPES, ids=str)
 def test_rows_do_not_depend_on_the_batch(qtype):
     """A row's result is bit-identical alone, in any batch and with any number of threads: a sequence's
     logits do not depend on what else the engine batches with it."""
-    if qblock._kernel() is None:
-        pytest.skip("no compiled kernels on this machine")
+    assert qblock._kernel() is not None, "the block kernels did not build or failed their self-test"
     w, x = torch.randn(64, 256), torch.randn(17, 256)
     blocks = qblock.quantize(w, qtype)
     batch = qblock.matvec(x, blocks, qtype)
@@ -139,12 +141,12 @@ def test_rows_do_not_depend_on_the_batch(qtype):
         torch.set_num_threads(threads)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("qtype", TYPES, ids=str)
 def test_row_ranges(qtype):
     """corral_q_matvec_rows (what the native decode step calls) fills exactly columns n0..n1-1."""
     lib = qblock._kernel()
-    if lib is None:
-        pytest.skip("no compiled kernels on this machine")
+    assert lib is not None, "the block kernels did not build or failed their self-test"
     align = lib.corral_q_row_align()
     n, k, m = 6 * align + 3, 64, 3
     w, x = torch.randn(n, k), torch.randn(m, k)
@@ -276,13 +278,11 @@ def test_the_cli_and_run_config_accept_the_block_schemes():
     for name in ("int4", "q4_0", "q4_1", "q8_0"):
         assert p.parse_args(["--quantize", name]).quantize == name
         assert ModelEntry(model_id="m", provider_id="inline", quantize=name).quantize == name
-
-
+@needs_cpu_kernels
 def test_declared_c_api():
     """The C functions the native decode step calls exist with these names."""
     lib = cpu_kernels.library()
-    if lib is None:
-        pytest.skip("no compiled kernels on this machine")
+    assert lib is not None, "the kernel library did not build"
     for name in ("corral_q_act_bytes", "corral_q_prepare", "corral_q_matvec_rows", "corral_q_row_align",
                  "corral_q_matvec", "corral_q_dequantize", "corral_q_isa"):
         assert isinstance(getattr(lib, name), ctypes._CFuncPtr)
