@@ -13,8 +13,8 @@ never first allocates random weights. The file's numbers make the config; a matc
 
 Memory: a page of a memory-mapped file stays in the resident set once read, until the whole file is
 unmapped. The loaders drop the pages of each tensor once it is copied or quantized (`release_file_pages`),
-and quantize and pack a block of rows at a time (`assign_int8_streamed`), so an int8 load peaks near its
-int8 weights (1B, bf16 file: 1.02x of them above the Python + torch runtime, where it was 3.8x).
+and quantize and pack a block of rows at a time (`corral.engine.quantize.assign_int8`), so an int8 load
+peaks near its int8 weights (1B, bf16 file: 1.02x of them above the Python + torch runtime, where it was 3.8x).
 """
 
 from __future__ import annotations
@@ -219,9 +219,6 @@ def resolve_dtype(dtype, checkpoint: Checkpoint) -> torch.dtype:
 QUANTIZATIONS = ("int8", "int4", "q4_0", "q4_1", "q8_0")
 # The block schemes: the transformer blocks' linears in this GGUF block type (int4 is Q4_0's other name).
 BLOCK_QUANTIZATIONS = {"int4": "q4_0", "q4_0": "q4_0", "q4_1": "q4_1", "q8_0": "q8_0"}
-# Rows of a weight quantized at a time by the loader (assign_int8_streamed): blocks of at most this many
-# elements, in one fp32 buffer (8 MB). 0.5M to 4M quantize at the same speed.
-LOAD_BLOCK_ELEMENTS = 1 << 21
 
 
 class SkipInit(TorchFunctionMode):
@@ -288,44 +285,6 @@ def trim_heap() -> None:
 
 
 @torch.no_grad()
-def assign_int8_streamed(table, weight: Tensor, dtype: torch.dtype) -> None:
-    """`assign_int8` for a weight read from a checkpoint: quantized and packed a block of rows at a time.
-
-    assign_int8 holds the plain int8 matrix and its packed copy together for a moment, and reads the whole
-    float weight first: for the 1B head (128256 x 2048) that is 250 MB int8 twice plus 500 MB of bf16 file
-    pages. Here each block of rows is quantized in one reused fp32 buffer, written into its place in the
-    packed matrix (the CPU kernel's layout keeps each group of cpu_kernels.ROWS rows contiguous) and its
-    file pages dropped, so the loader holds one block beside the int8 weights and allocates no per-block
-    temporaries (whose freed memory the allocator would otherwise keep, tens of MB at times).
-    The arithmetic is quantize_weight's, op for op (max|w| as max(max w, -min w), the same value): the
-    values are assign_int8's bit for bit (tests/checkpoints/test_load_memory.py checks it).
-    """
-    from corral.engine import cpu_kernels
-    from corral.engine.quantize import assign_int8
-
-    n, k = weight.shape
-    if weight.device.type != "cpu" or not cpu_kernels.fits(n, k) or not cpu_kernels.available():
-        assign_int8(table, weight, dtype)
-        release_file_pages(weight)
-        return
-    group, chunk = cpu_kernels.ROWS, cpu_kernels.CHUNK
-    rows = min(n, max(1, LOAD_BLOCK_ELEMENTS // k // group) * group)  # whole groups of the packed layout
-    packed = torch.empty(n // group, k // chunk, group, chunk, dtype=torch.int8)
-    scales = torch.empty(n, dtype=torch.float32)
-    buffer = torch.empty(rows, k, dtype=torch.float32)
-    for i in range(0, n, rows):
-        block = weight[i: i + rows]
-        r = block.shape[0]
-        w, s = buffer[:r].copy_(block), scales[i: i + r]  # (r, k) fp32, (r,)
-        torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_(), out=s).clamp_(min=1e-12).div_(127.0)
-        w.div_(s[:, None]).round_().clamp_(-127, 127)
-        # pack: (r, k) -> (r / group, k / chunk, group, chunk), cast to int8 on the way
-        packed[i // group: (i + r) // group].copy_(w.view(r // group, group, k // chunk, chunk).transpose(1, 2))
-        release_file_pages(block)
-    scales = scales.to(dtype)
-    table.weight, table.scales, table.packed, table.packed_scales = None, scales, packed, scales.float()
-
-
 def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", quantize: str | None = None,
                packed: bool = True):
     """A registry name, directory or .gguf file -> (model in eval mode, Checkpoint).
@@ -392,7 +351,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
 
         quantized |= assign_gguf_blocks(model, source, checkpoint.block_types, dtype)
     if quantize is not None:
-        from corral.engine.quantize import Int8Embedding, int8_linear_names, swap_int8_linears, tie_int8_embeddings
+        from corral.engine.quantize import (Int8Embedding, assign_int8, int8_linear_names, swap_int8_linears,
+                                            tie_int8_embeddings)
 
         names = int8_linear_names(model)
         if quantize != "int8":  # the blocks' linears in GGUF blocks; head and embeddings int8 (engine/int4.py)
@@ -411,7 +371,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
             # Quantized (and packed) as popped, so each float tensor is dropped once its int8 copy exists.
             weight = source.pop(key, None)
             if weight is not None:  # a missing tensor is reported below
-                assign_int8_streamed(model.get_submodule(name), weight, dtype)
+                assign_int8(model.get_submodule(name), weight, dtype, on_block=release_file_pages)
                 del weight
                 trim_heap()
                 quantized |= {name + ".weight", name + ".scales"}
@@ -421,7 +381,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, device="cpu", qua
             quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
         elif config.family != "mllama" and "tok_embeddings.weight" in source:  # an int8 table of its own
             model.tok_embeddings = Int8Embedding(config.vocab_size, config.dim, dtype, device="meta")
-            assign_int8_streamed(model.tok_embeddings, source.pop("tok_embeddings.weight"), dtype)
+            assign_int8(model.tok_embeddings, source.pop("tok_embeddings.weight"), dtype,
+                        on_block=release_file_pages)
             quantized |= {"tok_embeddings.weight", "tok_embeddings.scales"}
     for name in list(source):
         tensor = source.pop(name)

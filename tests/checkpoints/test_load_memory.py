@@ -18,6 +18,8 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import needs_cpu_kernels
+
 # dim 1024, 4 layers, 16 heads / 4 kv heads of 64, FFN 4096, vocab 32000: 91M parameters, 182 MB in bf16.
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM, FFN, VOCAB = 1024, 4, 16, 4, 64, 4096, 32000
 # Peak growth during the load, over the int8 weights' bytes. Measured: 1.17 now, 5.9-9.1 before; a load
@@ -90,24 +92,24 @@ def test_int8_load_peaks_near_the_int8_weights(tmp_path):
                                 f"the {result['weights'] / 2**20:.0f} MiB of int8 weights")
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("shape, dtype, scale_dtype", [((1040, 576), torch.bfloat16, torch.float32),
                                                         ((4100, 256), torch.float32, torch.bfloat16)])
-def test_streamed_int8_equals_assign_int8(shape, dtype, scale_dtype, monkeypatch):
-    """The loader's block-by-block quantization gives assign_int8's tables bit for bit (blocks of 24 rows
-    here, so the last one is partial); a zero row and an outlier included."""
-    import corral.checkpoints as checkpoints
-    from corral.engine import cpu_kernels
-    from corral.engine.quantize import Int8Linear, assign_int8
+def test_block_by_block_int8_equals_quantize_weight(shape, dtype, scale_dtype, monkeypatch):
+    """assign_int8 quantizes and packs a block of rows at a time (blocks of 24 rows here, so the last one is
+    partial): bit for bit the tables of quantize_weight on the whole weight, then packed; a zero row and an
+    outlier included; each block is handed to on_block once (the loader drops its file pages there)."""
+    from corral.engine import cpu_kernels, quantize
+    from corral.engine.quantize import Int8Linear, assign_int8, quantize_weight
 
-    if not cpu_kernels.available():
-        pytest.skip("the packed layout needs Corral's CPU kernels (a C compiler and AVX2)")
-    monkeypatch.setattr(checkpoints, "LOAD_BLOCK_ELEMENTS", 24 * shape[1])
+    assert cpu_kernels.available(), "the packed layout needs Corral's CPU kernels, which did not build"
+    monkeypatch.setattr(quantize, "PACK_BLOCK_ELEMENTS", 24 * shape[1])
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     w[3], w[5, 7] = 0, 100
-    want, got = (Int8Linear(shape[1], shape[0], dtype=scale_dtype, device="meta") for _ in range(2))
-    assign_int8(want, w, scale_dtype)
-    checkpoints.assign_int8_streamed(got, w, scale_dtype)
-    assert got.weight is None and want.weight is None
-    assert torch.equal(got.packed, want.packed)
-    assert got.scales.dtype == scale_dtype and torch.equal(got.scales, want.scales)
-    assert torch.equal(got.packed_scales, want.packed_scales)
+    q, scales = quantize_weight(w, scale_dtype)
+    got, blocks = Int8Linear(shape[1], shape[0], dtype=scale_dtype, device="meta"), []
+    assign_int8(got, w, scale_dtype, on_block=lambda b: blocks.append(b.shape[0]))
+    assert got.weight is None and blocks == [24] * (shape[0] // 24) + [shape[0] % 24]
+    assert torch.equal(got.packed, cpu_kernels.pack(q))
+    assert got.scales.dtype == scale_dtype and torch.equal(got.scales, scales)
+    assert torch.equal(got.packed_scales, scales.float())
