@@ -379,7 +379,10 @@ COUNT = [{"role": "user", "content": "Count from 1 to 200, one number per line."
 
 def test_concurrency_queue_and_disconnect(client, inline_server):
     # 1. A long stream is generating: the event loop still answers at once.
-    first = client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=300, temperature=0, stream=True)
+    # (ignore_eos and 2,000 tokens: the native decode step writes ~100 tokens/s, so the stream must outlast the
+    #  seconds this test spends queueing behind it.)
+    first = client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=2000, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
     it = iter(first)
     got = [next(it) for _ in range(3)]
     assert any(c.choices and c.choices[0].delta.content for c in got)
@@ -403,7 +406,7 @@ def test_concurrency_queue_and_disconnect(client, inline_server):
     assert r.json()["error"]["code"] == "queue_full"
 
     # 3. The client of the long stream disconnects: its generation stops (the server's token counter
-    #    stands still) and the queued request runs right away instead of after ~290 more tokens.
+    #    stands still) and the queued request runs right away instead of after ~2,000 more tokens.
     first.close()
     t.join(timeout=120)
     assert not t.is_alive(), "the queued request did not run: the disconnected stream kept generating"
@@ -417,8 +420,8 @@ def test_concurrency_queue_and_disconnect(client, inline_server):
 
     # 4. The same for a non-streaming request whose client gives up (times out) while it generates.
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(inline_server.base_url + "/chat/completions", headers=_auth(), timeout=3,
-                   json={"model": MODEL, "messages": COUNT, "max_tokens": 300, "temperature": 0})
+        httpx.post(inline_server.base_url + "/chat/completions", headers=_auth(), timeout=1,
+                   json={"model": MODEL, "messages": COUNT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True})
     deadline = time.monotonic() + 10
     while stats()["running_or_queued"] and time.monotonic() < deadline:
         time.sleep(0.2)
