@@ -1,8 +1,8 @@
 """Decode and prefill speed of Corral against llama.cpp, like for like: same weights, same format family,
 same threads, same prompt and token ids, in one run.
 
-    python bench/bench.py                                   # both models, every pair, 3 runs each
-    python bench/bench.py --models smollm2 --runs 5
+    python bench/bench.py                                   # both models, every pair, 3 rounds
+    python bench/bench.py --models smollm2 --rounds 5
     python bench/bench.py --models llama-1b --variants corral-int8,llama.cpp-q8_0
 
 Pairs (each Corral variant is compared with the llama.cpp variant of the same family):
@@ -25,8 +25,10 @@ Models:
             --workdir as a Hugging Face checkpoint, with Q8_0 / Q4_0 GGUF files made from it the same way
             (a synthetic vocabulary for llama.cpp: the bench feeds token ids).
 
-Each variant runs in its own process (so peak memory is its own: VmHWM, the peak resident set, which
-includes the Python + torch runtime) with --threads threads: a warm-up, then --runs runs of a
+The variants run in --rounds rounds, every variant once per round in turn (round robin), so a slow spell of
+the machine falls on every variant alike. Each time a variant runs in a fresh process of its own (so peak
+memory is its own: VmHWM, the peak resident set, which includes the Python + torch runtime) with --threads
+threads: a warm-up, then --runs runs of a
 --prompt-tokens prompt (random ids, seed 0) followed by --decode-tokens greedy tokens with the stop
 tokens ignored. Prefill tokens/s = prompt tokens / time to first token; decode tokens/s = (new tokens - 1)
 / time from the first to the last new token. The table shows medians and the spread (min-max) of the runs.
@@ -411,7 +413,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per variant (median and spread reported)")
+    p.add_argument("--runs", type=int, default=1, help="measured runs per variant in each round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; each runs every variant once, in turn (median and spread over all runs reported)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -431,27 +435,44 @@ def main() -> None:
     results = []
     for model in args.models.split(","):
         files = prepare(model, args.workdir)
-        for variant in args.variants.split(","):
-            kind = VARIANTS[variant][1]
-            if kind not in files:
-                continue
-            cmd = [sys.executable, __file__, "--child", variant, "--path", str(files[kind]),
-                   "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens),
-                   "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
-            print(f"bench: {model} / {variant} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=ENVIRONMENT)
-            if proc.returncode != 0:
-                print(f"bench: {model} / {variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r.update(model=model, variant=variant)
-            print(f"bench:   prefill {statistics.median(r['prefill']):.1f} tok/s, "
-                  f"decode {statistics.median(r['decode']):.2f} tok/s, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
-            results.append(r)
+        variants = [v for v in args.variants.split(",") if VARIANTS[v][1] in files]
+        merged: dict[str, dict] = {}
+        # Round robin: every variant runs once per round, each time in a fresh process, so a slow spell of the
+        # machine (this VM's speed drifts by 10-30% over minutes) falls on every variant alike.
+        for round_ in range(args.rounds):
+            for variant in variants:
+                r = run_child(model, variant, files[VARIANTS[variant][1]], args, round_)
+                if r is None:
+                    continue
+                if variant not in merged:
+                    merged[variant] = r
+                else:
+                    m = merged[variant]
+                    m["prefill"] += r["prefill"]
+                    m["decode"] += r["decode"]
+                    m["peak_mb"] = max(m["peak_mb"], r["peak_mb"])
+        results += [merged[v] for v in variants if v in merged]
     bandwidth_after = read_bandwidth(args.threads)
     if args.json:
         args.json.write_text(json.dumps(dict(bandwidth_gbps=[bandwidth, bandwidth_after], results=results), indent=2))
     print(table(results, args, bandwidth, bandwidth_after))
+
+
+def run_child(model: str, variant: str, path: Path, args, round_: int) -> dict | None:
+    """One process of one variant: its warm-up and --runs measured runs (None when it failed)."""
+    cmd = [sys.executable, __file__, "--child", variant, "--path", str(path),
+           "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens),
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+    print(f"bench: {model} / {variant} (round {round_ + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENVIRONMENT)
+    if proc.returncode != 0:
+        print(f"bench: {model} / {variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r.update(model=model, variant=variant)
+    print(f"bench:   prefill {statistics.median(r['prefill']):.1f} tok/s, "
+          f"decode {statistics.median(r['decode']):.2f} tok/s, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
+    return r
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -461,7 +482,8 @@ def spread(values: list[float], digits: int) -> str:
 def table(results: list[dict], args, bandwidth: float, bandwidth_after: float) -> str:
     by = {(r["model"], r["variant"]): r for r in results}
     lines = [f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} greedy new tokens, {args.threads} threads, "
-             f"median (min-max) of {args.runs} runs; memory read bandwidth {bandwidth:.1f} GB/s before, "
+             f"median (min-max) of {args.runs * args.rounds} runs in {args.rounds} rounds; "
+             f"memory read bandwidth {bandwidth:.1f} GB/s before, "
              f"{bandwidth_after:.1f} after",
              "",
              "| model | variant | prefill tok/s | decode tok/s | decode vs pair | prefill vs pair | % of bandwidth "

@@ -43,6 +43,24 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+# Prefill dequantizes every quantized weight, a chunk of rows at a time, into a working buffer of the thread
+# (`scratch`) that stays allocated: a fresh 16-64 MB buffer per chunk is a fresh mmap, whose page faults and
+# zeroing were ~10% of a Llama-3.2-1B int8 prefill. At most this many elements (16 MiB of fp32) at a time.
+SCRATCH_ELEMENTS = 1 << 22
+_scratch = threading.local()
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A (rows, cols) buffer of the calling thread, the same memory from call to call (contents undefined).
+    Only for values used before the next call: never for a tensor autograd keeps for a backward pass."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
     try:

@@ -8,7 +8,7 @@ Python and dispatch each, that overhead alone outweighs the arithmetic. decode.c
 as `Transformer.forward` with a PagedBatch of single tokens, reading the model's own weight tensors and
 the engine's KV pool, so nothing is copied: this file only hands it pointers. It covers Llama text
 models whose linear layers are fp32 `nn.Linear`, packed `Int8Linear`, or GGUF-block `BlockLinear`
-(qblock.py), with an fp32 KV cache; anything else (vision, bf16 weights, a model on a GPU) returns None
+(qblock.py), with an fp32 or fp16 KV cache; anything else (vision, bf16 weights, a model on a GPU) returns None
 from `build` and the engine runs the eager model. Prompts (many tokens per sequence) always run eagerly:
 they are large matrix products, which torch does well.
 
@@ -31,7 +31,7 @@ from corral.models.llama import PagedKVCache, Transformer, rope_table
 
 log = logging.getLogger("corral.engine")
 
-ABI = 1  # decode.c's corral_decode_abi()
+ABI = 2  # decode.c's corral_decode_abi()
 F32, INT8 = 0, 1
 
 
@@ -51,7 +51,7 @@ class Model(ctypes.Structure):
         ("eps", ctypes.c_double), ("layers", ctypes.POINTER(Layer)), ("norm", ctypes.c_void_p),
         ("output", Linear), ("rope", ctypes.c_void_p), ("rope_len", ctypes.c_int64),
         ("cache_k", ctypes.c_void_p), ("cache_v", ctypes.c_void_p), ("n_slots", ctypes.c_int64),
-        ("block_size", ctypes.c_int64)]
+        ("block_size", ctypes.c_int64), ("kv_f16", ctypes.c_int64)]
 
 
 def _library():
@@ -116,13 +116,16 @@ class NativeDecoder:
             a, f = block.attention, block.feed_forward
             layers[i] = Layer(_norm(block.attention_norm, self._keep), _norm(block.ffn_norm, self._keep),
                               *(_linear(m, self._keep, lib) for m in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2)))
-        if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
+        if cache.k.dtype not in (torch.float32, torch.float16) or cache.k.device.type != "cpu":
             raise Unsupported(f"the KV cache is {cache.k.dtype} on {cache.k.device}")
+        if c.head_dim % 8:
+            raise Unsupported(f"head_dim {c.head_dim} is not a multiple of 8")
         self._layers = layers
         self._rope = rope_table(c, 0)
         self.struct = Model(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_hidden_dim, c.vocab_size,
                             c.norm_eps, layers, _norm(model.norm, self._keep), _linear(model.output, self._keep, lib),
-                            None, 0, cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1], cache.block_size)
+                            None, 0, cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1], cache.block_size,
+                            int(cache.k.dtype == torch.float16))
         self.cache = cache
 
     @classmethod

@@ -289,9 +289,21 @@ class BlockLinear(nn.Module):
             out = _matvec(lib, x.reshape(rows, self.in_features).float(), self.weight, self.qtype, self.out_features)
             out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
-            step = max(1, CHUNK_ELEMENTS // self.in_features)  # a chunk of output rows at a time
-            out = torch.cat([F.linear(x, dequantize(self.weight[i:i + step], self.qtype, x.dtype))
-                             for i in range(0, self.out_features, step)], dim=-1)
+            reuse = x.device.type == "cpu" and x.dtype == torch.float32 and _kernel() is not None and not (
+                x.requires_grad and torch.is_grad_enabled())
+            if reuse:  # prefill: a chunk of rows at a time, dequantized into the thread's reused buffer
+                step = max(1, cpu_kernels.SCRATCH_ELEMENTS // self.in_features)
+                outs = []
+                for i in range(0, self.out_features, step):
+                    blocks = self.weight[i:i + step].contiguous()
+                    w = cpu_kernels.scratch(blocks.shape[0], self.in_features)
+                    _kernel().corral_q_dequantize(int(self.qtype), blocks.data_ptr(), w.data_ptr(), w.numel())
+                    outs.append(F.linear(x, w))
+                out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+            else:
+                step = max(1, CHUNK_ELEMENTS // self.in_features)  # a chunk of output rows at a time
+                out = torch.cat([F.linear(x, dequantize(self.weight[i:i + step], self.qtype, x.dtype))
+                                 for i in range(0, self.out_features, step)], dim=-1)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:

@@ -116,6 +116,17 @@ class Int8Linear(Int8Table):
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_weight(),
                                             self.scales.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
+        elif self.packed is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            # prefill: a chunk of rows at a time, unpacked and widened into the thread's reused buffer
+            k, step = self.in_features, max(cpu_kernels.ROWS, cpu_kernels.SCRATCH_ELEMENTS // self.in_features
+                                              // cpu_kernels.ROWS * cpu_kernels.ROWS)
+            outs = []
+            for i in range(0, self.out_features, step):
+                n = min(step, self.out_features - i)
+                w = cpu_kernels.scratch(n, k, x.dtype)
+                w.copy_(cpu_kernels.unpack(self.packed[i // cpu_kernels.ROWS:(i + n) // cpu_kernels.ROWS]))
+                outs.append(F.linear(x, w) * self.scales[i: i + n].to(x.dtype))
+            out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         else:
             weight = self.int8_weight()
             step = max(1, CHUNK_ELEMENTS // self.in_features)  # dequantize a block of output rows at a time

@@ -138,22 +138,26 @@ class PagedBatch:
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, batch: PagedBatch, layer: int) -> Tensor:
-    """q (N, H, hd), new k/v (N, n_kv, hd) -> (N, H, hd): write k/v to the pool, attend group by group."""
+    """q (N, H, hd), new k/v (N, n_kv, hd) -> (N, H, hd): write k/v to the pool, attend group by group.
+
+    The pool may store fewer bits than the arithmetic (fp16 on the CPU): attention runs in the wider of the
+    two dtypes, on keys and values as stored, so a prompt's tokens see the same keys its later tokens will."""
     cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]  # (slots, n_kv, hd)
     cache_k[batch.slots] = k.to(cache_k.dtype)
     cache_v[batch.slots] = v.to(cache_v.dtype)
-    out = torch.empty(q.shape, dtype=cache_k.dtype, device=q.device)
+    dtype = torch.promote_types(q.dtype, cache_k.dtype)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
     for g in batch.groups:
         t = (g.end - g.start) // g.rows
-        qg = q[g.start:g.end].view(g.rows, t, *q.shape[1:]).transpose(1, 2).to(cache_k.dtype)  # (rows, H, T, hd)
+        qg = q[g.start:g.end].view(g.rows, t, *q.shape[1:]).transpose(1, 2).to(dtype)  # (rows, H, T, hd)
         if g.mask is None:  # a prompt from position 0 in one piece: its own keys, causal
-            kg = k[g.start:g.end].view(g.rows, t, *k.shape[1:]).transpose(1, 2).to(cache_k.dtype)
-            vg = v[g.start:g.end].view(g.rows, t, *v.shape[1:]).transpose(1, 2).to(cache_k.dtype)
+            kg, vg = (x[g.start:g.end].view(g.rows, t, *x.shape[1:]).transpose(1, 2).to(cache_k.dtype).to(dtype)
+                      for x in (k, v))
             o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=t > 1, enable_gqa=True)
         else:
             s = g.kv_slots.shape[1]
-            kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2)  # (rows, n_kv, S, hd)
-            vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2)
+            kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2).to(dtype)  # (rows,n_kv,S,hd)
+            vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2).to(dtype)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
         out[g.start:g.end] = o.transpose(1, 2).reshape(g.end - g.start, *q.shape[1:])
     return out

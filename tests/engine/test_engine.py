@@ -37,6 +37,9 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+# An fp32 KV cache where a test compares with the uncached forward at 1e-4 (the CPU's default cache is fp16,
+# whose rounding moves logits by ~1e-3; tests/engine/test_native.py covers it).
+FP32 = torch.float32
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
@@ -55,7 +58,7 @@ def test_batched_forward_matches_single_sequence_forward():
     """Sequences of different lengths, prefilled in chunks that mix with other sequences' decodes: the
     logits every sequence samples from equal the uncached forward of its whole sequence (<= 1e-4)."""
     model = tiny()
-    engine = Engine(model, kv_cache_mb=4, max_num_seqs=8, max_batch_tokens=24)
+    engine = Engine(model, kv_cache_mb=4, max_num_seqs=8, max_batch_tokens=24, kv_dtype=FP32)
     recorders = [Recorder() for _ in range(6)]
     handles = [engine.submit(p, SamplingParams(max_tokens=12, **GREEDY), logits_processor=r)
                for p, r in zip(prompts(6), recorders)]
@@ -115,7 +118,7 @@ def test_prefix_cache_hit_gives_the_cold_tokens():
 def test_unused_cached_blocks_are_evicted_lru():
     """A pool full of cached prefixes still serves new prompts: the least recently used go first."""
     model = tiny(seed=3)
-    engine = Engine(model, kv_cache_mb=1)  # 128 blocks of 16 tokens at this size
+    engine = Engine(model, kv_cache_mb=1, kv_dtype=FP32)  # 128 blocks of 16 tokens at this size
     n_blocks = engine.scheduler.blocks.n_blocks
     for i in range(6):  # far more prompt blocks than the pool has, in total
         p = [(i * 31 + j) % 97 for j in range(n_blocks * 16 // 3)]
@@ -187,7 +190,7 @@ def test_long_prompt_is_chunked_while_others_decode():
 
 def test_prompt_logprobs_match_the_full_forward():
     model = tiny(seed=8)
-    engine = Engine(model, kv_cache_mb=2, max_batch_tokens=64)
+    engine = Engine(model, kv_cache_mb=2, max_batch_tokens=64, kv_dtype=FP32)
     p = prompts(1, base=150)[0]
     handle = engine.submit(p, SamplingParams(max_tokens=0), prompt_logprobs=3)
     assert list(handle) == []
@@ -218,9 +221,11 @@ def test_seeded_sampling_and_penalties_per_sequence():
 def test_pool_is_sized_by_the_budget_and_errors_are_clear():
     model = tiny()
     engine = Engine(model, kv_cache_mb=1)
-    per_token = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 kv heads, head_dim 16, fp32
+    per_token = 2 * 2 * 2 * 16 * 2  # k and v, 2 layers, 2 kv heads, head_dim 16, fp16 (the CPU's default)
+    assert engine.cache.k.dtype == torch.float16
     assert engine.pool_bytes <= 1 << 20 and engine.capacity_tokens == (1 << 20) // per_token // 16 * 16
-    assert engine.cache.k.numel() * 4 * 2 == engine.pool_bytes
+    assert engine.cache.k.numel() * 2 * 2 == engine.pool_bytes
+    assert Engine(model, kv_cache_mb=1, kv_dtype=FP32).capacity_tokens == engine.capacity_tokens // 2
     assert engine.context_length == min(model.config.max_seq_len, engine.capacity_tokens)
     with pytest.raises(ValueError, match="context"):
         engine.submit([1] * engine.context_length, SamplingParams())

@@ -19,9 +19,11 @@ from tests.conftest import needs_cpu_kernels
 from tests.engine.test_engine import tiny
 
 
-def decode_step_both_ways(model, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill the prompts in an engine, then run one all-decode step eagerly and natively."""
-    engine = Engine(model, kv_cache_mb=8, max_num_seqs=len(prompts), max_batch_tokens=512)
+def decode_step_both_ways(model, prompts: list[list[int]], kv_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill the prompts in an engine, then run one all-decode step eagerly and natively. An fp32 KV cache
+    unless asked: with fp16 the two paths' keys (equal to ~1e-7) can round to neighbouring halves."""
+    engine = Engine(model, kv_cache_mb=8, max_num_seqs=len(prompts), max_batch_tokens=512, kv_dtype=kv_dtype)
+    assert engine.cache.k.dtype == kv_dtype
     assert engine.native is not None, "the native decoder must be in use for this model on this machine"
     handles = [engine.submit(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)) for p in prompts]
     while any(not h.seq.generated for h in handles):  # prompts in, one token sampled each
@@ -45,6 +47,21 @@ def test_fp32_step_equals_eager(overrides):
     eager, fast = decode_step_both_ways(model, prompts)
     assert fast.shape == (6, 97)
     torch.testing.assert_close(fast, eager, rtol=2e-6, atol=1e-4)  # fp32 rounding at |logits| ~ 500
+
+
+@needs_cpu_kernels
+def test_fp16_kv_cache_step_equals_eager():
+    """The CPU engine's default cache is fp16: both paths store each key/value rounded to half and attend in
+    fp32 over the stored values. A key computed 1e-7 apart in the two paths may round to neighbouring
+    halves (a relative 5e-4), hence the looser bound than fp32's; a wrong layout or conversion is off by
+    the size of the logits."""
+    model = tiny(n_kv_heads=2, n_heads=4)
+    assert Engine(model, kv_cache_mb=8).cache.k.dtype == torch.float16  # the default on the CPU
+    prompts = [[(5 * i + j) % 97 for j in range(n)] for i, n in enumerate((1, 15, 16, 17, 40, 100, 300))]
+    eager, fast = decode_step_both_ways(model, prompts, kv_dtype=torch.float16)
+    torch.testing.assert_close(fast, eager, rtol=0, atol=2e-3 * eager.abs().max().item())
+    eager32, _ = decode_step_both_ways(model, prompts)
+    assert (eager32 - eager).abs().max() > 0  # the cache really stored halves
 
 
 @needs_cpu_kernels

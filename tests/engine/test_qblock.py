@@ -179,6 +179,22 @@ def test_block_linear(qtype):
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), want, atol=0.05 * want.abs().max().item())
 
 
+@needs_cpu_kernels
+def test_block_linear_prefill_in_chunks(monkeypatch):
+    """Prefill dequantizes a chunk of rows at a time into the thread's reused buffer: 48 rows in chunks of
+    5 (the last one short) give the float product."""
+    from corral.engine import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "SCRATCH_ELEMENTS", 5 * 128)
+    w = torch.randn(48, 128) * 0.05
+    lin = BlockLinear(128, 48, "q4_0")
+    lin.weight = qblock.quantize(w, "q4_0")
+    x = torch.randn(40, 128)
+    with torch.inference_mode():
+        got = lin(x)
+    assert torch.allclose(got, x @ qblock.dequantize(lin.blocks, "q4_0").T, atol=1e-5)
+
+
 def test_block_linear_without_the_kernel(no_kernel):
     """Without the compiled kernels every input takes the dequantizing path: the float product."""
     w = torch.randn(40, 64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from corral.engine import quantize
+from corral.engine import cpu_kernels, quantize
 from corral.engine.quantize import (Int8Embedding, Int8Linear, int8_linear_names, quantize_model_int8, quantize_weight,
                                     swap_int8_linears, tie_int8_embeddings)
 from corral.models.config import ModelConfig
@@ -44,12 +44,21 @@ def test_int8_linear_matches_dequantized_float(monkeypatch):
     layer = model[0]
     assert isinstance(layer, Int8Linear) and layer.int8_weight().dtype == torch.int8
     assert layer.packed is not None and layer.weight is None  # packed for the CPU kernel (built on this machine)
-    for shape in [(1, 1, 48), (3, 48), (2, 5, 48)]:  # 1 and 3 rows: the kernel; 10 rows: torch's GEMM
+    for shape in [(1, 1, 48), (3, 48), (2, 5, 48), (4, 10, 48)]:  # up to 32 rows: the kernel; 40: torch's GEMM
         x = torch.randn(shape)
         assert (layer(x) - ref(x)).abs().max() < 1e-5, shape
-    x = torch.randn(2, 5, 48)
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 48 * 7)  # force the row-chunked path (7 rows)
-    assert (layer(x) - ref(x)).abs().max() < 1e-5
+    x = torch.randn(4, 10, 48)  # 40 rows: prefill
+    # prefill through the thread's reused buffer, 8 rows at a time (the same memory for every chunk)
+    monkeypatch.setattr(cpu_kernels, "SCRATCH_ELEMENTS", 48 * 8)
+    with torch.inference_mode():
+        assert (layer(x) - ref(x)).abs().max() < 1e-5
+    buffer = cpu_kernels.scratch(8, 48).data_ptr()
+    assert (layer(x) - ref(x)).abs().max() < 1e-5 and cpu_kernels.scratch(8, 48).data_ptr() == buffer
+    # an input autograd follows never gets the shared buffer: the row-chunked dequantization (7 rows)
+    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 48 * 7)
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()
+    assert torch.allclose(xg.grad, ref.weight.sum(0).expand_as(x), atol=1e-5)
     bf16 = layer(x.bfloat16())  # torch's int8 x bf16 kernel
     assert bf16.dtype == torch.bfloat16 and ((bf16.float() - ref(x)).norm() / ref(x).norm()) < 0.01
 

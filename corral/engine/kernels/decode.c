@@ -16,6 +16,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,11 +51,12 @@ typedef struct {
     corral_linear output;
     const float *rope;                /* (rope_len, head_dim / 2, 2): cos, sin of each position */
     int64_t rope_len;
-    float *cache_k, *cache_v;         /* (n_layers, n_slots, n_kv_heads, head_dim) */
+    void *cache_k, *cache_v;          /* (n_layers, n_slots, n_kv_heads, head_dim), fp32 or fp16 */
     int64_t n_slots, block_size;
+    int64_t kv_f16;                   /* 1: the cache holds fp16 (IEEE half, as torch.float16) */
 } corral_model;
 
-int corral_decode_abi(void) { return 1; } /* bumped when the structs change; native.py checks it */
+int corral_decode_abi(void) { return 2; } /* bumped when the structs change; native.py checks it */
 
 int corral_decode_supports(int64_t type) {
     if (type == W_F32 || type == W_INT8) return 1;
@@ -120,7 +122,11 @@ typedef struct {
     int n;
     int64_t M;
     product p[3];
+    int64_t pieces;     /* rows of each product, in this many pieces */
+    atomic_llong next;  /* the next piece to take, over all products */
 } products;
+
+#define PIECES_PER_THREAD 4
 
 static int64_t row_align(const corral_linear *lin) {
     if (lin->type == W_INT8) return 4;
@@ -128,14 +134,19 @@ static int64_t row_align(const corral_linear *lin) {
     return corral_q_row_align();
 }
 
-/* Each part takes its share of every product's rows: one pool call for q, k and v together. */
+/* The parts take pieces of the products' rows from a shared counter, a few pieces per thread: a part whose
+   core is slowed (another process, another VM on the host) takes fewer, where a fixed share would make
+   the whole step wait for it. Each row is computed alone, so who takes it does not change its bits. */
 static void products_part(void *ctx, int part, int parts) {
-    const products *job = ctx;
-    for (int i = 0; i < job->n; i++) {
-        const product *p = &job->p[i];
+    products *job = ctx;
+    (void)part, (void)parts;
+    for (;;) {
+        const long long t = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (t >= job->n * job->pieces) return;
+        const product *p = &job->p[t / job->pieces];
         const corral_linear *l = p->lin;
         long long r0, r1;
-        corral_split(l->n, row_align(l), part, parts, &r0, &r1);
+        corral_split(l->n, row_align(l), (int)(t % job->pieces), (int)job->pieces, &r0, &r1);
         if (r0 >= r1) continue;
         if (l->type == W_F32)
             f32_rows(p->x, l->w, p->y, job->M, l->n, l->k, r0, r1);
@@ -163,6 +174,8 @@ static void run_products(products *job, void *act, size_t act_size, int threads)
         p->act = a;
         a += need, act_size -= need;
     }
+    job->pieces = threads > 1 ? (int64_t)threads * PIECES_PER_THREAD : 1;
+    atomic_init(&job->next, 0);
     corral_parallel(products_part, job, threads);
 }
 
@@ -177,18 +190,25 @@ typedef struct {
     float *partial;  /* per task: group x (max, sum, hd weighted values) */
     float *scores;   /* per part: group x span */
     int64_t span;    /* positions per split */
+    atomic_llong next; /* the next task to take (as products_part) */
 } attention_job;
 
 static inline int64_t slot_of(const int32_t *table, int64_t pos, int64_t bs) {
     return (int64_t)table[pos / bs] * bs + pos % bs;
 }
 
-/* Keys and values of one position are a short row (hd floats) every n_kv_heads * hd floats: the hardware
-   prefetcher does not run far enough ahead on such strides, so each position asks for a later one's row. */
+/* Keys and values of one position are a short row (hd values) every n_kv_heads * hd values: the hardware
+   prefetcher does not run far enough ahead on such strides, so each position asks for a later one's row.
+   The cache holds fp32 or fp16 (half the bytes to read; converted 8 at a time with F16C). */
 #define AHEAD 8
 #define SPAN 256 /* positions per attention task */
-static inline void prefetch_row(const float *row, int64_t hd) {
-    for (int64_t i = 0; i < hd; i += 16) _mm_prefetch((const char *)(row + i), _MM_HINT_T0);
+static inline void prefetch_row(const char *row, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
+}
+
+static inline __m256 load_kv(const char *row, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
 }
 
 #define PARTIAL(j, task) ((j)->partial + (task) * ((j)->m->n_heads / (j)->m->n_kv_heads) * ((j)->m->head_dim + 2))
@@ -201,15 +221,50 @@ static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int
                    float *out) {
     const corral_model *m = j->m;
     const int64_t hd = m->head_dim, kv = m->n_kv_heads, group = m->n_heads / kv, n = p1 - p0, bs = m->block_size;
+    const int f16 = (int)m->kv_f16;
+    const int64_t es = f16 ? 2 : 4, row_bytes = hd * es; /* bytes of one value, of one head's row */
     const int32_t *table = j->tables + b * j->max_blocks;
-    const int64_t layer_off = j->layer * m->n_slots * kv * hd;
-    const float *ck = m->cache_k + layer_off, *cv = m->cache_v + layer_off;
+    const int64_t layer_off = j->layer * m->n_slots * kv * hd * es;
+    const char *ck = (const char *)m->cache_k + layer_off, *cv = (const char *)m->cache_v + layer_off;
+    int64_t slots[SPAN]; /* the span's cache slots, found once (a division per position costs more than its dot) */
+    for (int64_t p = p0, blk = p0 / bs, off = p0 % bs; p < p1; p++) {
+        slots[p - p0] = (int64_t)table[blk] * bs + off;
+        if (++off == bs) off = 0, blk++;
+    }
+#define ROW(base, p) ((base) + (slots[(p) - p0] * kv + g) * row_bytes)
     const float scale = 1.0f / sqrtf((float)hd);
     const float *q = j->q + (b * m->n_heads + g * group) * hd;
-    for (int64_t p = p0; p < p1; p++) {
-        const float *k = ck + (slot_of(table, p, bs) * kv + g) * hd;
-        if (p + AHEAD < p1) prefetch_row(ck + (slot_of(table, p + AHEAD, bs) * kv + g) * hd, hd);
-        for (int64_t h = 0; h < group; h++) scores[h * n + p - p0] = dot(q + h * hd, k, hd) * scale;
+    /* Scores: two positions and up to 4 heads of the group at a time, so 8 independent sums are in flight
+       and each chunk of a key is loaded (and converted) once for every head. */
+    for (int64_t p = p0; p < p1; p += 2) {
+        const int two = p + 1 < p1;
+        const char *k0 = ROW(ck, p), *k1 = two ? ROW(ck, p + 1) : k0;
+        if (p + AHEAD < p1) prefetch_row(ROW(ck, p + AHEAD), row_bytes);
+        if (p + 1 + AHEAD < p1) prefetch_row(ROW(ck, p + 1 + AHEAD), row_bytes);
+        for (int64_t h0 = 0; h0 < group; h0 += 4) {
+            /* four heads always (a missing one repeats the first, its sums unused): plain variables that stay
+               in registers */
+            const int64_t nh = group - h0 < 4 ? group - h0 : 4;
+            const float *q0 = q + h0 * hd, *q1 = q0 + (nh > 1) * hd, *q2 = q0 + (nh > 2) * 2 * hd,
+                        *q3 = q0 + (nh > 3) * 3 * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+            for (int64_t d = 0; d < hd; d += 8) {
+                const __m256 x0 = load_kv(k0, d, f16), x1 = load_kv(k1, d, f16);
+                __m256 w = _mm256_loadu_ps(q0 + d);
+                a0 = _mm256_fmadd_ps(w, x0, a0), c0 = _mm256_fmadd_ps(w, x1, c0);
+                w = _mm256_loadu_ps(q1 + d);
+                a1 = _mm256_fmadd_ps(w, x0, a1), c1 = _mm256_fmadd_ps(w, x1, c1);
+                w = _mm256_loadu_ps(q2 + d);
+                a2 = _mm256_fmadd_ps(w, x0, a2), c2 = _mm256_fmadd_ps(w, x1, c2);
+                w = _mm256_loadu_ps(q3 + d);
+                a3 = _mm256_fmadd_ps(w, x0, a3), c3 = _mm256_fmadd_ps(w, x1, c3);
+            }
+            const __m256 a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
+            for (int h = 0; h < nh; h++) {
+                scores[(h0 + h) * n + p - p0] = hsum8(a[h]) * scale;
+                if (two) scores[(h0 + h) * n + p + 1 - p0] = hsum8(c[h]) * scale;
+            }
+        }
     }
     for (int64_t h = 0; h < group; h++) {
         float *sc = scores + h * n, mx = -INFINITY;
@@ -225,26 +280,37 @@ static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int
         for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
         float *o = out + h * (hd + 2);
         o[0] = mx, o[1] = sum;
-        memset(o + 2, 0, hd * sizeof(float));
     }
-    for (int64_t p = p0; p < p1; p++) {
-        const float *v = cv + (slot_of(table, p, bs) * kv + g) * hd;
-        if (p + AHEAD < p1) prefetch_row(cv + (slot_of(table, p + AHEAD, bs) * kv + g) * hd, hd);
-        for (int64_t h = 0; h < group; h++) {
-            const __m256 w = _mm256_set1_ps(scores[h * n + p - p0]);
-            float *o = out + h * (hd + 2) + 2;
-            for (int64_t d = 0; d < hd; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+    /* out_h += sum_p score_h,p v_p, eight values of v at a time over every position: each head's sums stay
+       in registers (the span's rows stay in cache between the passes). */
+    for (int64_t h0 = 0; h0 < group; h0 += 4) {
+        const int64_t nh = group - h0 < 4 ? group - h0 : 4;
+        const float *s0 = scores + h0 * n - p0, *s1 = s0 + (nh > 1) * n, *s2 = s0 + (nh > 2) * 2 * n,
+                    *s3 = s0 + (nh > 3) * 3 * n;
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t p = p0; p < p1; p++) {
+                if (d == 0 && h0 == 0 && p + AHEAD < p1) prefetch_row(ROW(cv, p + AHEAD), row_bytes);
+                const __m256 vd = load_kv(ROW(cv, p), d, f16);
+                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s0 + p), vd, a0);
+                a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s1 + p), vd, a1);
+                a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(s2 + p), vd, a2);
+                a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(s3 + p), vd, a3);
+            }
+            const __m256 a[4] = {a0, a1, a2, a3};
+            for (int h = 0; h < nh; h++) _mm256_storeu_ps(out + (h0 + h) * (hd + 2) + 2 + d, a[h]);
         }
     }
+#undef ROW
 }
 
 static void attention_part(void *ctx, int part, int parts) {
-    const attention_job *j = ctx;
+    attention_job *j = ctx;
     const int64_t kv = j->m->n_kv_heads, S = j->splits;
-    long long t0, t1;
-    corral_split(j->B * kv * S, 1, part, parts, &t0, &t1);
-    for (long long t = t0; t < t1; t++) {
+    (void)parts;
+    for (;;) {
+        const long long t = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (t >= j->B * kv * S) return;
         const int64_t b = t / (kv * S), g = (t / S) % kv, s = t % S, ctx_len = j->positions[b] + 1;
         const int64_t p0 = s * j->span < ctx_len ? s * j->span : ctx_len;
         const int64_t p1 = p0 + j->span < ctx_len ? p0 + j->span : ctx_len;
@@ -319,6 +385,17 @@ static void rope(float *x, int64_t B, int64_t heads, int64_t hd, const float *ta
     }
 }
 
+/* n values into the cache at element `at`: copied, or rounded to fp16 (nearest-even, as torch's .half()). */
+static void store_kv(const corral_model *m, void *cache, int64_t at, const float *src, int64_t n) {
+    if (!m->kv_f16) {
+        memcpy((float *)cache + at, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + at;
+    for (int64_t i = 0; i < n; i += 8) /* n = n_kv_heads * head_dim, a multiple of 8 (native.py checks) */
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* --- the step ------------------------------------------------------------------------------------- */
 
 /* x (B, dim): the new tokens' embeddings (overwritten). positions (B,): each token's position; tables
@@ -367,13 +444,13 @@ int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t
         run_products(&qkv, act, act_size, threads);
         rope(q, B, H, hd, m->rope, positions);
         rope(k, B, KV, hd, m->rope, positions);
-        const int64_t layer_off = l * m->n_slots * KV * hd;
         for (int64_t b = 0; b < B; b++) {
-            int64_t slot = slot_of(tables + b * max_blocks, positions[b], m->block_size);
-            memcpy(m->cache_k + layer_off + slot * KV * hd, k + b * KV * hd, KV * hd * sizeof(float));
-            memcpy(m->cache_v + layer_off + slot * KV * hd, v + b * KV * hd, KV * hd * sizeof(float));
+            int64_t at = (l * m->n_slots + slot_of(tables + b * max_blocks, positions[b], m->block_size)) * KV * hd;
+            store_kv(m, m->cache_k, at, k + b * KV * hd, KV * hd);
+            store_kv(m, m->cache_v, at, v + b * KV * hd, KV * hd);
         }
         attention_job aj = {m, l, B, max_blocks, splits, positions, tables, q, partial, scores, span};
+        atomic_init(&aj.next, 0);
         corral_parallel(attention_part, &aj, B * KV * splits >= n_threads ? n_threads : (int)(B * KV * splits));
         attention_combine(&aj, att);
         products o = {1, B, {{&L->wo, att, NULL, h}}};
