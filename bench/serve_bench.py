@@ -6,7 +6,7 @@ continuous batching on the same weights, prompts and thread count.
     python bench/serve_bench.py --models llama-1b-int8 --kv-cache-mb 2048 --max-num-seqs 32
 
 Models (the weights are made by bench/bench.py's helpers, into --workdir, once):
-  smollm2        the real SmolLM2-135M-Instruct Q4_1 GGUF, which Corral dequantizes to fp32
+  smollm2        the real SmolLM2-135M-Instruct Q4_1 GGUF, which Corral runs in its own Q4_1 blocks
   smollm2-int8   the same file with `quantize: int8` (Corral's int8 decode kernel)
   llama-1b-int8  the Llama 3.2 1B architecture with random bf16 weights, served with `quantize: int8`;
                  Corral loads the HF checkpoint plus Meta's Llama 3 tokenizer.model (from the llama-models
@@ -69,7 +69,7 @@ import bench as weights  # noqa: E402  bench/bench.py: prepare(), write_hf_check
 
 # name -> (base weights in bench.py's prepare(), Corral's per-model run-config keys, label)
 MODELS = {
-    "smollm2": ("smollm2", {}, "SmolLM2-135M-Instruct (fp32)"),
+    "smollm2": ("smollm2", {}, "SmolLM2-135M-Instruct (Q4_1 file)"),
     "smollm2-int8": ("smollm2", {"quantize": "int8"}, "SmolLM2-135M-Instruct (int8)"),
     "llama-1b-int8": ("llama-1b", {"quantize": "int8"}, "Llama-3.2-1B random (int8)"),
 }
@@ -396,11 +396,12 @@ def corral_memory(server: CorralServer, args, ignore_eos: bool) -> dict:
 
 
 def kv_need_mb(base: str, seqs: int, tokens: int) -> float:
-    """fp32 K+V bytes of `seqs` sequences of `tokens` tokens (what a pool must hold for all to run at once)."""
+    """fp16 K+V bytes (the CPU engine's cache) of `seqs` sequences of `tokens` tokens (what a pool must hold for
+    all to run at once)."""
     from corral.models.config import DEFAULT_MODEL, get_config
 
     c = get_config(DEFAULT_MODEL if base == "smollm2" else "Llama-3.2-1B")
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4 * seqs * tokens / 2**20
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * seqs * tokens / 2**20
 
 
 # --- transformers: generate_batch in a child process ------------------------------------------------------
@@ -710,7 +711,7 @@ def main() -> None:
     if memory_rows:
         lines += ["", f"### Server memory with {args.rss_streams} concurrent requests ({args.rss_prompt_tokens} prompt + "
                       f"{args.rss_max_tokens} new tokens each)", "",
-                  "| model | KV pool (kv_cache_mb) | KV of all sequences at fp32 | RSS idle | peak RSS during | VmHWM "
+                  "| model | KV pool (kv_cache_mb) | KV of all sequences (fp16) | RSS idle | peak RSS during | VmHWM "
                   "(incl. load) | aggregate tok/s | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for m in memory_rows:
             pool = f"{args.kv_cache_mb} MB" if args.kv_cache_mb else "auto"
