@@ -217,11 +217,12 @@ def batch_stats(results: list[dict]) -> dict:
 # --- Corral: `corral serve` in a subprocess ----------------------------------------------------------------
 
 def corral_checkpoint(base: str, workdir: Path) -> Path:
-    """What Corral serves for a base model. The random 1B gets Meta's Llama 3 tokenizer.model (shipped in the
+    """What Corral serves for a base model: SmolLM2's Q4_1 GGUF as it is. The random 1B gets Meta's Llama 3 tokenizer.model (shipped in the
     llama-models wheel) next to links to bench.py's HF checkpoint, so its chat format works."""
-    path = Path(weights.prepare(base, workdir)["corral"])
-    if base != "llama-1b":
-        return path
+    files = weights.prepare(base, workdir)
+    if base == "smollm2":  # the real GGUF (its tokenizer inside), not bench.py's tokenizer-less HF copy
+        return Path(files["q4_1"])
+    path = Path(files["corral"])
     return weights.with_llama3_tokenizer(path, workdir / "llama-1b-random-serve")
 
 
