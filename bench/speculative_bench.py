@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--tokens", type=int, default=200, help="new tokens per run (greedy, stop tokens ignored)")
-    p.add_argument("--speculative-tokens", type=int, default=5, metavar="K")
+    p.add_argument("--speculative-tokens", type=int, default=3, metavar="K")
     p.add_argument("--draft-model", help="a draft model for every target instead of the Q4_1 one")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

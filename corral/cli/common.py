@@ -36,8 +36,8 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
                           "file) guesses the next tokens")
     g.add_argument("--draft-quantize", choices=["int8", "int4", "q4_0", "q4_1", "q8_0"],
                    help="quantize the draft model at load, as --quantize does the model")
-    g.add_argument("--speculative-tokens", type=int, default=5, metavar="K",
-                   help="tokens guessed per step, 1-16 (default 5); a step emits 1 to K+1 tokens")
+    g.add_argument("--speculative-tokens", type=int, default=3, metavar="K",
+                   help="tokens guessed per step, 1-16 (default 3); a step emits 1 to K+1 tokens")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -> None:

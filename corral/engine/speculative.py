@@ -1,6 +1,6 @@
 """Speculative decoding: guess k tokens cheaply, let the target model check them all in one forward.
 
-    engine = Engine(model, speculative=SpeculativeConfig("prompt_lookup", num_tokens=5))
+    engine = Engine(model, speculative=SpeculativeConfig("prompt_lookup", num_tokens=3))
     engine = Engine(model, speculative=SpeculativeConfig("draft", num_tokens=4, draft_model=small_model))
 
 Two proposers guess the next k tokens of a sequence:
@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 METHODS = ("prompt_lookup", "draft")
 MAX_SPECULATIVE_TOKENS = 16
+# k by default: with the native step a verify step of k + 1 rows costs more than one row (its kernels are
+# compute-bound on small CPUs), so fewer, likelier guesses win. Prompt lookup on a rewrite, real SmolLM2
+# (bench/speculative_bench.py): int8 1.27x at k=5, 1.67x at k=3; Q4_1 0.95x at k=5, 1.87x at k=3.
+DEFAULT_SPECULATIVE_TOKENS = 3
 NATIVE_CATCH_UP = 32  # a draft catching up on at most this many tokens does it in one native step
 
 
@@ -53,7 +57,7 @@ class SpeculativeConfig:
     """Engine options (not per request): which proposer, and how many tokens it guesses per step."""
 
     method: Literal["prompt_lookup", "draft"] = "prompt_lookup"
-    num_tokens: int = 5  # k: tokens guessed per step; one verify step emits 1..k+1 tokens
+    num_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # k: tokens guessed per step; one verify step emits 1..k+1 tokens
     draft_model: Any = None  # "draft": an nn.Module, or a registry name / checkpoint directory / .gguf file
     lookup_max: int = 3  # prompt lookup: the longest and shortest n-gram to match
     lookup_min: int = 1
@@ -285,8 +289,9 @@ def load_draft_model(name_or_path: str | Path, *, tokenizer=None, dtype=None, qu
     return model
 
 
-def enable_speculative(llm, method: str, num_tokens: int = 5, *, draft_model: str | Path | None = None,
-                       draft_quantize: str | None = None, max_running: int = 8) -> None:
+def enable_speculative(llm, method: str, num_tokens: int = DEFAULT_SPECULATIVE_TOKENS, *,
+                       draft_model: str | Path | None = None, draft_quantize: str | None = None,
+                       max_running: int = 8) -> None:
     """Speculative decoding for a loaded `LLM` (the CLI and the server): a named draft model is loaded, and
     its tokenizer must be the LLM's."""
     config = SpeculativeConfig(method, num_tokens, draft_model, max_running=max_running)

@@ -36,7 +36,7 @@ engine and all-MiniLM-L6-v2 embeddings through sentence-transformers. A run conf
         kv_cache_mb: null       # memory for the engine's paged KV-cache pool (null: from free memory)
         max_num_seqs: 32        # sequences the engine runs at once
         max_batch_tokens: 512   # tokens one engine step processes (longer prompts prefill in chunks)
-        speculative: {method: prompt_lookup, num_tokens: 5}   # optional: speculative decoding, or
+        speculative: {method: prompt_lookup, num_tokens: 3}   # optional: speculative decoding, or
         # speculative: {method: draft, draft_model: NAME-OR-PATH, draft_quantize: int8, num_tokens: 4}
       - model_id: all-MiniLM-L6-v2
         provider_id: embeddings
@@ -134,7 +134,7 @@ class SpeculativeEntry(_Strict):
     (prompt_lookup) or from a smaller draft model with the same tokenizer, checked by the model in one step."""
 
     method: Literal["prompt_lookup", "draft"]
-    num_tokens: int = Field(5, ge=1, le=16)  # tokens guessed per step
+    num_tokens: int = Field(3, ge=1, le=16)  # tokens guessed per step (engine/speculative.py's default)
     draft_model: str | None = None  # method draft: a registry name, checkpoint directory or .gguf file
     draft_quantize: Literal["int8", "int4", "q4_0", "q4_1", "q8_0"] | None = None  # as `quantize`, for the draft
     max_running: int = Field(8, ge=1)  # guess only while at most this many sequences decode
