@@ -61,6 +61,12 @@ def scratch(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return buf[:rows * cols].view(rows, cols)
 
 
+def scratch_for(x: Tensor) -> bool:
+    """Whether a layer given input x may dequantize its weights into `scratch`: on the CPU, and not where
+    autograd keeps the weight for a backward pass."""
+    return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
     try:

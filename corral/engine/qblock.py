@@ -153,19 +153,25 @@ def _dequantize_torch(blocks: Tensor, qtype: QType) -> Tensor:
     return w.reshape(n, -1)
 
 
-def dequantize(blocks: Tensor, qtype: str | int = "q4_0", dtype: torch.dtype = torch.float32) -> Tensor:
-    """(N, K / 32 * block_bytes) uint8 -> (N, K) dtype; the compiled kernel where it runs (same numbers)."""
+def dequantize(blocks: Tensor, qtype: str | int = "q4_0", dtype: torch.dtype = torch.float32,
+               out: Tensor | None = None) -> Tensor:
+    """(N, K / 32 * block_bytes) uint8 -> (N, K) dtype; the compiled kernel where it runs (same numbers).
+    out: a contiguous (N, K) tensor of `dtype` to write into instead of a new one (prefill's reused buffer)."""
     qtype = QType.of(qtype)
     if blocks.ndim != 2 or blocks.shape[1] % qtype.block_bytes:
         raise ValueError(f"{qtype} blocks must be (rows, a multiple of {qtype.block_bytes} bytes), "
                          f"got {tuple(blocks.shape)}")
+    shape = (blocks.shape[0], blocks.shape[1] // qtype.block_bytes * BLOCK)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     lib = _kernel() if blocks.device.type == "cpu" else None
-    if lib is None:
-        return _dequantize_torch(blocks, qtype).to(dtype)
+    if lib is None or dtype != torch.float32:
+        w = _dequantize_torch(blocks, qtype) if lib is None else dequantize(blocks, qtype)
+        return w.to(dtype) if out is None else out.copy_(w)
     blocks = blocks.contiguous()
-    out = torch.empty(blocks.shape[0], blocks.shape[1] // qtype.block_bytes * BLOCK, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32) if out is None else out
     lib.corral_q_dequantize(int(qtype), blocks.data_ptr(), out.data_ptr(), out.numel())
-    return out.to(dtype)
+    return out
 
 
 # ---- the compiled kernels (kernels/qblock.c) ---------------------------------------------------------------
@@ -288,22 +294,15 @@ class BlockLinear(nn.Module):
         if lib is not None:
             out = _matvec(lib, x.reshape(rows, self.in_features).float(), self.weight, self.qtype, self.out_features)
             out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            reuse = x.device.type == "cpu" and x.dtype == torch.float32 and _kernel() is not None and not (
-                x.requires_grad and torch.is_grad_enabled())
-            if reuse:  # prefill: a chunk of rows at a time, dequantized into the thread's reused buffer
-                step = max(1, cpu_kernels.SCRATCH_ELEMENTS // self.in_features)
-                outs = []
-                for i in range(0, self.out_features, step):
-                    blocks = self.weight[i:i + step].contiguous()
-                    w = cpu_kernels.scratch(blocks.shape[0], self.in_features)
-                    _kernel().corral_q_dequantize(int(self.qtype), blocks.data_ptr(), w.data_ptr(), w.numel())
-                    outs.append(F.linear(x, w))
-                out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-            else:
-                step = max(1, CHUNK_ELEMENTS // self.in_features)  # a chunk of output rows at a time
-                out = torch.cat([F.linear(x, dequantize(self.weight[i:i + step], self.qtype, x.dtype))
-                                 for i in range(0, self.out_features, step)], dim=-1)
+        else:  # prefill: a chunk of output rows at a time, into the thread's reused buffer where it may
+            reuse = cpu_kernels.scratch_for(x)
+            step = max(1, (cpu_kernels.SCRATCH_ELEMENTS if reuse else CHUNK_ELEMENTS) // self.in_features)
+            outs = []
+            for i in range(0, self.out_features, step):
+                blocks = self.weight[i:i + step]
+                buffer = cpu_kernels.scratch(blocks.shape[0], self.in_features, x.dtype) if reuse else None
+                outs.append(F.linear(x, dequantize(blocks, self.qtype, x.dtype, out=buffer)))
+            out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:

@@ -78,6 +78,12 @@ class Int8Table(nn.Module):
         """The (n_rows, row_size) int8 matrix, whichever layout holds it."""
         return cpu_kernels.unpack(self.packed) if self.weight is None else self.weight
 
+    def int8_rows(self, start: int, end: int) -> Tensor:
+        """Rows start:end of int8_weight() without unpacking the rest (start a multiple of cpu_kernels.ROWS)."""
+        if self.weight is not None:
+            return self.weight[start:end]
+        return cpu_kernels.unpack(self.packed[start // cpu_kernels.ROWS:-(-end // cpu_kernels.ROWS)])
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight is None:
@@ -116,22 +122,16 @@ class Int8Linear(Int8Table):
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_weight(),
                                             self.scales.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
-        elif self.packed is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-            # prefill: a chunk of rows at a time, unpacked and widened into the thread's reused buffer
-            k, step = self.in_features, max(cpu_kernels.ROWS, cpu_kernels.SCRATCH_ELEMENTS // self.in_features
-                                              // cpu_kernels.ROWS * cpu_kernels.ROWS)
+        else:  # prefill: a block of output rows at a time, widened into the thread's reused buffer where it may
+            reuse = cpu_kernels.scratch_for(x)
+            rows_per = (cpu_kernels.SCRATCH_ELEMENTS if reuse else CHUNK_ELEMENTS) // self.in_features
+            step = max(cpu_kernels.ROWS, rows_per // cpu_kernels.ROWS * cpu_kernels.ROWS)  # whole packed blocks
             outs = []
             for i in range(0, self.out_features, step):
-                n = min(step, self.out_features - i)
-                w = cpu_kernels.scratch(n, k, x.dtype)
-                w.copy_(cpu_kernels.unpack(self.packed[i // cpu_kernels.ROWS:(i + n) // cpu_kernels.ROWS]))
-                outs.append(F.linear(x, w) * self.scales[i: i + n].to(x.dtype))
+                q = self.int8_rows(i, i + step)
+                w = cpu_kernels.scratch(*q.shape, x.dtype).copy_(q) if reuse else q.to(x.dtype)
+                outs.append(F.linear(x, w) * self.scales[i: i + step].to(x.dtype))
             out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        else:
-            weight = self.int8_weight()
-            step = max(1, CHUNK_ELEMENTS // self.in_features)  # dequantize a block of output rows at a time
-            out = torch.cat([F.linear(x, weight[i: i + step].to(x.dtype)) * self.scales[i: i + step].to(x.dtype)
-                             for i in range(0, self.out_features, step)], dim=-1)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:
