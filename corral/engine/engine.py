@@ -279,8 +279,7 @@ class Engine:
         # sampled from it), and every row of a prompt chunk whose log-probabilities were asked for.
         wanted, spans, offset = [], [], 0
         for seq, n in plan:
-            samples = seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
-            scores = _wants_prompt_logprobs(seq)
+            samples, scores = _samples(seq, n), _wants_prompt_logprobs(seq)
             first = len(wanted)
             wanted += range(offset, offset + n) if scores else [offset + n - 1] if samples else []
             spans.append((first, len(wanted), samples, scores))
@@ -303,8 +302,7 @@ class Engine:
         logits = self.native([seq.tokens[seq.n_computed] for seq, _ in plan], [seq.n_computed for seq, _ in plan],
                              [seq.block_table for seq, _ in plan])
         self.tokens_computed += len(plan)
-        return logits, [i if seq.n_computed + 1 >= seq.n_tokens and seq.max_new > len(seq.generated) else None
-                        for i, (seq, _) in enumerate(plan)]
+        return logits, [i if _samples(seq, 1) else None for i, (seq, _) in enumerate(plan)]
 
     def _attention_groups(self, plan: list[tuple[Sequence, int]]) -> list[AttentionGroup]:
         """The single-token entries (first in the plan) attend as one padded group over their own blocks;
@@ -515,6 +513,11 @@ class Engine:
             pending, self._incoming = self._incoming, []
         for seq in pending + list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, error)
+
+
+def _samples(seq: Sequence, n: int) -> bool:
+    """Whether computing n more of seq's tokens completes what it knows, so a next token is sampled."""
+    return seq.n_computed + n >= seq.n_tokens and seq.max_new > len(seq.generated)
 
 
 def _wants_prompt_logprobs(seq: Sequence) -> bool:

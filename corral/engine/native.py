@@ -8,7 +8,7 @@ Python and dispatch each, that overhead alone outweighs the arithmetic. decode.c
 as `Transformer.forward` with a PagedBatch of single tokens, reading the model's own weight tensors and
 the engine's KV pool, so nothing is copied: this file only hands it pointers. It covers Llama text
 models whose linear layers are fp32 `nn.Linear`, packed `Int8Linear`, or GGUF-block `BlockLinear`
-(qblock.py), with an fp32 or fp16 KV cache; anything else (vision, bf16 weights, a model on a GPU) returns None
+(qblock.py; the 4-bit ones are repacked in place into the interleaved layout on the way), with an fp32 or fp16 KV cache; anything else (vision, bf16 weights, a model on a GPU) returns None
 from `build` and the engine runs the eager model. Prompts (many tokens per sequence) always run eagerly:
 they are large matrix products, which torch does well.
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from corral.engine import cpu_kernels
+from corral.engine.qblock import BlockLinear, interleave_model
 from corral.engine.quantize import Int8Linear
 from corral.models.llama import PagedKVCache, Transformer, rope_table
 
@@ -91,10 +92,9 @@ def _linear(module: nn.Module, keep: list[Tensor], lib) -> Linear:
             raise Unsupported(f"weights are {w.dtype}; the native step reads fp32, int8 or GGUF blocks")
         keep.append(w)
         return Linear(F32, w.shape[0], w.shape[1], w.data_ptr(), None)
-    qtype, blocks = getattr(module, "qtype", None), getattr(module, "blocks", None)
-    if qtype is not None and isinstance(blocks, Tensor) and lib.corral_decode_supports(int(qtype)):
-        keep.append(blocks)
-        return Linear(int(qtype), module.out_features, module.in_features, blocks.data_ptr(), None)
+    if isinstance(module, BlockLinear) and lib.corral_decode_supports(module.kernel_type):
+        keep.append(module.weight)  # GGUF blocks, or the 4-bit ones interleaved (interleave_model)
+        return Linear(module.kernel_type, module.out_features, module.in_features, module.weight.data_ptr(), None)
     raise Unsupported(f"no native kernel for {type(module).__name__}")
 
 
@@ -110,6 +110,7 @@ class NativeDecoder:
     def __init__(self, lib, model: Transformer, cache: PagedKVCache):
         c = model.config
         self.lib, self.model, self.config = lib, model, c
+        interleave_model(model)  # 4-bit layers into the layout the kernel reads fastest (eager reads it too)
         self._keep: list[Tensor] = []  # every tensor the structs point into
         layers = (Layer * c.n_layers)()
         for i, block in enumerate(model.layers):

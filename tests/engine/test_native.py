@@ -75,13 +75,17 @@ def test_int8_step_equals_eager():
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
 def test_gguf_block_step_equals_eager(qtype):
     """Both paths run the same block kernel (activations rounded to int16 per block of 32) on the same
-    inputs; an output width that is not a multiple of the kernels' 4-row groups included."""
-    from corral.engine.qblock import quantize_model_blocks
+    inputs; an output width that is not a multiple of the kernels' 4-row groups included. The native
+    decoder repacks the 4-bit layers into the interleaved layout (the head's 98 rows have none)."""
+    from corral.engine.qblock import X8, quantize_model_blocks
 
     model = quantize_model_blocks(tiny(seed=2, vocab_size=98, dim=128, n_heads=4, n_kv_heads=2), qtype)
     assert type(model.layers[0].attention.wq).__name__ == "BlockLinear"
     eager, fast = decode_step_both_ways(model, [[1, 2, 3], list(range(50)), list(range(20, 37))])
     torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    four_bit = qtype != "q8_0"
+    assert model.layers[1].feed_forward.w2.interleaved == four_bit and not model.output.interleaved
+    assert model.layers[1].feed_forward.w2.kernel_type == (X8 if four_bit else 0) | model.output.qtype
 
 
 @needs_cpu_kernels

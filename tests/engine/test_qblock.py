@@ -147,7 +147,7 @@ def test_row_ranges(qtype):
     """corral_q_matvec_rows (what the native decode step calls) fills exactly columns n0..n1-1."""
     lib = qblock._kernel()
     assert lib is not None, "the block kernels did not build or failed their self-test"
-    align = lib.corral_q_row_align()
+    align = lib.corral_q_row_align(int(qtype))
     n, k, m = 6 * align + 3, 64, 3
     w, x = torch.randn(n, k), torch.randn(m, k)
     blocks = qblock.quantize(w, qtype)
@@ -215,6 +215,156 @@ def test_embedding_rows():
     assert torch.equal(emb(ids), qblock.dequantize(emb.weight, "q8_0")[ids])
 
 
+# ---- the interleaved 4-bit layout (groups of 8 rows) ---------------------------------------------------------
+
+FOUR_BIT = [QType.Q4_0, QType.Q4_1]
+
+
+@pytest.mark.parametrize("qtype", FOUR_BIT, ids=str)
+def test_interleave_round_trip(qtype):
+    """interleave is a permutation of the bytes: deinterleave gives GGUF's rows back, whole or picked, and
+    the interleaved rows dequantize (kernel and torch) to the same numbers. Byte 4i + t of the j-th 32
+    nibble bytes of a group's block is row i's nibble byte 4j + t; the group's fp16 d (and m) come first."""
+    w = awkward_weight(96, 320)
+    blocks = qblock.quantize(w, qtype)
+    packed = qblock.interleave(blocks, qtype)
+    assert packed.shape == blocks.shape and not torch.equal(packed, blocks)
+    assert torch.equal(packed.flatten().sort().values, blocks.flatten().sort().values)
+    assert torch.equal(qblock.deinterleave(packed, qtype), blocks)
+    ids = torch.tensor([95, 0, 8, 7, 8, 41])
+    assert torch.equal(qblock.deinterleave(packed, qtype, ids), blocks[ids])
+    bb, header = qtype.block_bytes, 4 if qtype == QType.Q4_1 else 2
+    group_block = packed[8:16].reshape(-1)[3 * 8 * bb:4 * 8 * bb]  # group 1, block 3
+    row = blocks[8 + 5, 3 * bb:4 * bb]  # its row 5
+    assert torch.equal(group_block[2 * 5:2 * 5 + 2], row[:2])  # d
+    nibbles = group_block[8 * header:]
+    assert torch.equal(nibbles[2 * 32 + 4 * 5:2 * 32 + 4 * 5 + 4], row[header + 8:header + 12])  # j = 2
+    want = qblock.dequantize(blocks, qtype)
+    assert torch.equal(qblock.dequantize(packed, qtype, interleaved=True), want)
+    assert torch.equal(qblock._dequantize_torch(qblock.deinterleave(packed, qtype), qtype), want)
+    with pytest.raises(ValueError, match="groups of 8"):
+        qblock.interleave(blocks[:12], qtype)
+    with pytest.raises(ValueError, match="groups of 8"):
+        qblock.interleave(qblock.quantize(w, "q8_0"), "q8_0")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("m", DECODE_ROWS)
+@pytest.mark.parametrize("qtype", FOUR_BIT, ids=str)
+def test_interleaved_kernel_matches_float64(qtype, m):
+    """The interleaved kernel: y = (the kernel's quantized x) @ dequantized W^T in float64 for every decode
+    batch size, as the row-by-row kernel (the same integer products, summed in another order)."""
+    lib = qblock._kernel()
+    assert lib is not None, "the block kernels did not build or failed their self-test"
+    for n, k in [(40, 96), (16, 576), (8, 32)]:
+        gen = torch.Generator().manual_seed(m * 1000 + n)
+        w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(m, k, generator=gen)
+        x[0, :32] = 0
+        blocks = qblock.quantize(w, qtype)
+        q, d = prepared(lib, qtype, x)
+        want = (q.double() * d.double().repeat_interleave(32, dim=1)) @ qblock.dequantize(blocks, qtype).double().T
+        got = qblock.matvec(x, qblock.interleave(blocks, qtype), qtype, interleaved=True)
+        assert got.shape == (m, n)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (n, k)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("qtype", FOUR_BIT, ids=str)
+def test_interleaved_rows_do_not_depend_on_the_batch_or_range(qtype):
+    """As the row-by-row kernel: bit-identical alone, in a batch, on 1 thread, and computed group range by
+    group range (corral_q_matvec_rows, as the native step calls it)."""
+    lib = qblock._kernel()
+    assert lib is not None, "the block kernels did not build or failed their self-test"
+    kind = int(qtype) | qblock.X8
+    assert lib.corral_q_row_align(kind) == 8
+    w, x = torch.randn(64, 256), torch.randn(17, 256)
+    packed = qblock.interleave(qblock.quantize(w, qtype), qtype)
+    batch = qblock.matvec(x, packed, qtype, interleaved=True)
+    for i in (0, 5, 16):
+        assert torch.equal(qblock.matvec(x[i:i + 1], packed, qtype, interleaved=True)[0], batch[i])
+        assert torch.equal(qblock.matvec(x[i:i + 3], packed, qtype, interleaved=True)[0], batch[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(qblock.matvec(x, packed, qtype, interleaved=True), batch)
+    finally:
+        torch.set_num_threads(threads)
+    act = torch.zeros(lib.corral_q_act_bytes(kind, 17, 256), dtype=torch.uint8)
+    lib.corral_q_prepare(kind, x.data_ptr(), act.data_ptr(), 17, 256)
+    y = torch.full((17, 64), float("nan"))
+    for n0, n1 in [(0, 8), (8, 40), (40, 64)]:
+        lib.corral_q_matvec_rows(kind, act.data_ptr(), packed.data_ptr(), y.data_ptr(), 17, 64, 256, n0, n1)
+    assert torch.equal(y, batch)
+
+
+def test_the_scalar_path_for_other_cpus(tmp_path):
+    """qblock.c compiled without AVX2 (what a CPU without it, or another architecture, runs): every type
+    and layout against float64, through the same C entry points."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    assert compiler, "no C compiler on this machine"
+    src = Path(qblock.__file__).parent / "kernels"
+    out = tmp_path / "scalar.so"
+    subprocess.run([compiler, "-O2", "-pthread", "-shared", "-fPIC", "-o", str(out), str(src / "qblock.c"),
+                    str(src / "pool.c")], check=True)
+    lib = ctypes.CDLL(str(out))
+    qblock._declare(lib)
+    assert lib.corral_q_isa() == b"scalar"
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(24, 96, generator=gen) * 0.05, torch.randn(3, 96, generator=gen)
+    for qtype in QType:
+        blocks = qblock.quantize(w, qtype)
+        want = x.double() @ qblock.dequantize(blocks, qtype).double().T
+        layouts = [(blocks, int(qtype))]
+        if qtype in FOUR_BIT:
+            layouts.append((qblock.interleave(blocks, qtype), int(qtype) | qblock.X8))
+        for data, kind in layouts:
+            got = qblock._matvec(lib, x, data, kind, 24)
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), kind
+            deq = torch.empty(24, 96)
+            lib.corral_q_dequantize_rows(kind, data.data_ptr(), deq.data_ptr(), 24, 96)
+            assert torch.equal(deq, qblock._dequantize_torch(blocks, qtype)), kind
+
+
+@pytest.mark.parametrize("qtype", FOUR_BIT, ids=str)
+def test_block_linear_interleaved(qtype):
+    """interleave_() repacks in place: decode and prefill outputs stay those of the GGUF layout (prefill
+    bit for bit), `blocks` and the state dict still give GGUF's bytes, and loading a state dict puts the
+    module back in GGUF's layout."""
+    torch.manual_seed(4)
+    lin = BlockLinear(128, 48, qtype, bias=True)
+    lin.weight, lin.bias = qblock.quantize(torch.randn(48, 128) * 0.05, qtype), torch.nn.Parameter(torch.randn(48))
+    gguf_bytes = lin.weight.clone()
+    decode, prefill = torch.randn(3, 128), torch.randn(40, 128)
+    with torch.inference_mode():
+        before_decode, before_prefill = lin(decode), lin(prefill)
+    storage = lin.weight.data_ptr()
+    assert lin.interleave_() and lin.interleaved and lin.kernel_type == int(qtype) | qblock.X8
+    assert lin.weight.data_ptr() == storage and not torch.equal(lin.weight, gguf_bytes)  # in place
+    assert torch.equal(lin.blocks, gguf_bytes) and torch.equal(lin.state_dict()["weight"], gguf_bytes)
+    with torch.inference_mode():
+        assert torch.equal(lin(prefill), before_prefill)
+        assert torch.allclose(lin(decode), before_decode, atol=1e-5 * before_decode.abs().max().item())
+    assert torch.equal(lin.dequantized(), qblock.dequantize(gguf_bytes, qtype))
+    lin.load_state_dict({"weight": gguf_bytes, "bias": lin.bias.detach()})
+    assert not lin.interleaved and torch.equal(lin.weight, gguf_bytes)
+    odd = BlockLinear(64, 12, qtype)  # 12 rows: no whole groups
+    odd.weight = qblock.quantize(torch.randn(12, 64), qtype)
+    assert not odd.interleave_() and odd.kernel_type == int(qtype)
+
+
+def test_block_linear_interleaved_without_the_kernel(no_kernel):
+    lin = BlockLinear(64, 16, "q4_1")
+    lin.weight = qblock.quantize(torch.randn(16, 64), "q4_1")
+    x = torch.randn(2, 64)
+    want = x @ qblock._dequantize_torch(lin.blocks, QType.Q4_1).T
+    lin.interleave_()
+    assert torch.allclose(lin(x), want, atol=1e-5)
+
+
 def tiny_transformer(tie: bool = True):
     from corral.models.config import ModelConfig
     from corral.models.llama import Transformer
@@ -249,6 +399,26 @@ def test_quantize_model_blocks(qtype):
     toks = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(model(toks), ref(toks), atol=1e-4)
+
+
+def test_interleave_model_with_a_tied_head():
+    """interleave_model repacks the 4-bit layers and the tied embedding follows its head: the logits of a
+    prefill are unchanged bit for bit, a decode-sized input within the kernel's rounding, and the state
+    dict still holds GGUF's bytes."""
+    model = tiny_transformer()
+    qblock.quantize_model_blocks(model, "q4_0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    toks = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, want_one = model(toks), model(toks[:, :1])
+    assert qblock.interleave_model(model) == 1 + 2 * 7 and qblock.interleave_model(model) == 0
+    assert model.tok_embeddings.interleaved and model.tok_embeddings.weight is model.output.weight
+    with torch.no_grad():
+        assert torch.equal(model(toks), want)
+        # summed in another order; a last-bit difference can flip the next layer's 16-bit rounding of x
+        assert torch.allclose(model(toks[:, :1]), want_one, atol=3e-4 * want_one.abs().max().item())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.fixture(scope="module")
@@ -300,5 +470,5 @@ def test_declared_c_api():
     lib = cpu_kernels.library()
     assert lib is not None, "the kernel library did not build"
     for name in ("corral_q_act_bytes", "corral_q_prepare", "corral_q_matvec_rows", "corral_q_row_align",
-                 "corral_q_matvec", "corral_q_dequantize", "corral_q_isa"):
+                 "corral_q_matvec", "corral_q_dequantize", "corral_q_dequantize_rows", "corral_q_isa"):
         assert isinstance(getattr(lib, name), ctypes._CFuncPtr)

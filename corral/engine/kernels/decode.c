@@ -23,18 +23,20 @@
 
 #include "kernels.h"
 
-enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8 }; /* block types: GGML's numbers */
+enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_X8 = 0x100 }; /* block types: GGML's
+    numbers; | W_X8: the 4-bit blocks interleaved by 8 rows (qblock.c) */
 
 /* The block kernels live in qblock.c; weak, so the library still loads (fp32 and int8 only) without it. */
 extern size_t corral_q_act_bytes(int type, int64_t M, int64_t K) __attribute__((weak));
 extern void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K) __attribute__((weak));
 extern void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
                                  int64_t K, int64_t n0, int64_t n1) __attribute__((weak));
-extern int corral_q_row_align(void) __attribute__((weak));
+extern int corral_q_row_align(int type) __attribute__((weak));
 
 typedef struct {
     int64_t type, n, k;   /* y (M, n) = x (M, k) @ W^T */
-    const void *w;        /* fp32 (n, k); int8 packed (n/4, k/16, 4, 16); blocks: n rows of k/32 blocks */
+    const void *w;        /* fp32 (n, k); int8 packed (n/4, k/16, 4, 16); blocks: n rows of k/32 blocks, or
+                             groups of 8 rows interleaved (qblock.c) */
     const float *scales;  /* int8: one per output row; otherwise unused */
 } corral_linear;
 
@@ -60,7 +62,8 @@ int corral_decode_abi(void) { return 2; } /* bumped when the structs change; nat
 
 int corral_decode_supports(int64_t type) {
     if (type == W_F32 || type == W_INT8) return 1;
-    if (type == W_Q4_0 || type == W_Q4_1 || type == W_Q8_0) return corral_q_matvec_rows != NULL;
+    if (type == W_Q4_0 || type == W_Q4_1 || type == W_Q8_0 || type == (W_Q4_0 | W_X8) || type == (W_Q4_1 | W_X8))
+        return corral_q_matvec_rows != NULL;
     return 0;
 }
 
@@ -131,7 +134,7 @@ typedef struct {
 static int64_t row_align(const corral_linear *lin) {
     if (lin->type == W_INT8) return 4;
     if (lin->type == W_F32) return 1;
-    return corral_q_row_align();
+    return corral_q_row_align((int)lin->type);
 }
 
 /* The parts take pieces of the products' rows from a shared counter, a few pieces per thread: a part whose

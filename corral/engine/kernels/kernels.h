@@ -13,16 +13,18 @@ void corral_int8_matvec(const float *x, const int8_t *packed, const float *scale
                         int64_t M, int64_t N, int64_t K, int threads);
 
 /* qblock.c: GGML's Q4_0 (type 2), Q4_1 (3) and Q8_0 (8) blocks, y (M, N) = x (M, K) @ W^T with W (N, K)
-   as N rows of K / 32 blocks. prepare quantizes x once (into act_bytes of scratch, single-threaded);
-   matvec_rows computes output columns n0..n1-1 (n0 a multiple of row_align) from the prepared x. */
+   as N rows of K / 32 blocks, and the 4-bit types interleaved by 8 rows (type | 0x100). prepare quantizes
+   x once (into act_bytes of scratch, single-threaded); matvec_rows computes output columns n0..n1-1
+   (n0 a multiple of row_align(type)) from the prepared x. */
 size_t corral_q_act_bytes(int type, int64_t M, int64_t K);
 void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K);
 void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                           int64_t n0, int64_t n1);
-int corral_q_row_align(void);
+int corral_q_row_align(int type);
 void corral_q_matvec(int type, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                      int threads);
 void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_elements);
+void corral_q_dequantize_rows(int type, const uint8_t *w, float *out, int64_t N, int64_t K);
 const char *corral_q_isa(void);
 
 #endif

@@ -37,7 +37,24 @@
    Prepared activations (corral_q_act_bytes bytes; opaque to callers but for the tests), block-major:
        int16 q[K/32][M][32]   the quantized values, |q| <= 32767
        float d[K/32][M]       their scales, max|x| / 32767
-       float s[K/32][M]       d * sum(q), for the 4-bit types' offset term */
+       float s[K/32][M]       d * sum(q), for the 4-bit types' offset term
+   (for the interleaved types below, each q[b][m] slot holds the same values split in two byte arrays,
+   int8 hi[32] = q >> 8 and uint8 lo[32] = q & 255, so that q = 256 hi + lo).
+
+   Interleaved 4-bit layouts (type | X8, Corral's own; the engine repacks a model's GGUF blocks into them
+   in place, same bytes in all). Above, every block ends in a horizontal fold and gathers four scattered
+   fp16 scales: at one row of x that is most of the work, and the 4-bit product ran at 50-60% of the
+   memory bandwidth. Here 8 output rows go together, block by block: for rows 8g .. 8g+7 and block b,
+       Q4_0|X8  144 bytes: fp16 d[8], then 4 x 32 bytes of nibbles
+       Q4_1|X8  160 bytes: fp16 d[8], fp16 m[8], then 4 x 32 bytes of nibbles
+   where byte 4i + t of the j-th 32 is row i's qs[4j + t] (its elements 4j + t and 4j + t + 16). One
+   vector of nibbles then holds 4 elements of each of the 8 rows, a vpmaddubsw of it against 4 values of
+   x broadcast gives each row's products in its own lanes, and the block's 8 sums land one per lane: no
+   fold, and the scales are one load. vpmaddubsw multiplies bytes, so x comes as its two byte halves:
+       u . q = 256 (u . hi) + (u . lo)      exactly: the same integer dot as the int16 path
+   (|u . hi| per 16-bit lane <= 16 x 15 x 128 and u . lo summed in two halves <= 8 x 15 x 255: no
+   overflow). The group of 8 rows occupies exactly their 8 rows' bytes, so a slice of rows 8g .. 8h is
+   still a slice of the tensor. */
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -52,11 +69,12 @@
 #define QK 32 /* elements per block */
 #define R 4   /* output rows per pass */
 #define MT 4  /* rows of x per pass */
+#define G 8   /* rows per group of the interleaved layouts */
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, X8 = 0x100 };
 
 static inline int block_bytes(int type) {
-    return type == Q8_0 ? 34 : type == Q4_1 ? 20 : type == Q4_0 ? 18 : 0;
+    return type == Q8_0 ? 34 : type == Q4_1 || type == (Q4_1 | X8) ? 20 : type == Q4_0 || type == (Q4_0 | X8) ? 18 : 0;
 }
 
 /* IEEE half -> float, without F16C (the scalar path's). */
@@ -153,14 +171,25 @@ static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_ou
 #endif
 }
 
+/* q (int16) -> its high bytes (int8) then its low bytes, in place: the interleaved kernels' operands. */
+static void split_block(int16_t *q) {
+    int16_t v[QK];
+    memcpy(v, q, sizeof v);
+    uint8_t *hi = (uint8_t *)q, *lo = hi + QK;
+    for (int j = 0; j < QK; j++) {
+        hi[j] = (uint8_t)(v[j] >> 8);
+        lo[j] = (uint8_t)(v[j] & 0xFF);
+    }
+}
+
 void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K) {
-    (void)type;
     const int64_t nb = K / QK;
     acts a = act_view(act, M, K);
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) {
             const int64_t j = b * M + m;
             quantize_block(x + m * K + b * QK, a.q + j * QK, a.d + j, a.s + j);
+            if (type & X8) split_block(a.q + j * QK);
         }
 }
 
@@ -187,6 +216,38 @@ static void rows_scalar(int type, const void *act, const uint8_t *w, float *y, i
                     const float mw = type == Q4_1 ? half_to_float(load16(blk + 2)) : -8.0f * dw;
                     sum += dw * dx * (float)dot + mw * a.s[b * M + m];
                 }
+            }
+            y[m * N + n] = sum;
+        }
+}
+
+/* Where element e of row i (of 8) of an interleaved block lies: byte 4i + t of the j-th 32 bytes of nibbles
+   (e = 4j + t, or 16 + 4j + t in the high nibble). */
+static inline int x8_nibble(const uint8_t *qs, int i, int e) {
+    const int low = e < QK / 2, f = low ? e : e - QK / 2;
+    const uint8_t byte = qs[32 * (f / 4) + 4 * i + f % 4];
+    return low ? byte & 0x0F : byte >> 4;
+}
+
+static inline int x8_header(int type) { return (type & ~X8) == Q4_1 ? 4 * G : 2 * G; }
+
+static void rows_scalar_x8(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                           int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK, group = G * block_bytes(type);
+    const int header = x8_header(type);
+    acts a = act_view(act, M, K);
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const int i = (int)(n % G);
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + (n / G) * nb * group + b * group;
+                const uint8_t *q = (const uint8_t *)(a.q + (b * M + m) * QK); /* hi[32], then lo[32] */
+                int32_t dot = 0;
+                for (int e = 0; e < QK; e++) dot += x8_nibble(blk + header, i, e) * ((int8_t)q[e] * 256 + q[QK + e]);
+                const float dw = half_to_float(load16(blk + 2 * i)), dx = a.d[b * M + m], s = a.s[b * M + m];
+                const float mw = header == 4 * G ? half_to_float(load16(blk + 2 * G + 2 * i)) : -8.0f * dw;
+                sum += dw * dx * (float)dot + mw * s;
             }
             y[m * N + n] = sum;
         }
@@ -307,11 +368,69 @@ static ALWAYS_INLINE void rows_simd(const int type, const int vnni, const void *
     }
 }
 
+/* Interleaved groups g0 .. g1 - 1 for rows m0 .. m0 + mt - 1 of x: output rows 8g .. 8g + 7 in the lanes. */
+static ALWAYS_INLINE void tile_x8(const int type, const int mt, acts a, const uint8_t *w, int64_t nb, int64_t M,
+                                  int64_t m0, float *y, int64_t N, int64_t g) {
+    const int q41 = type == (Q4_1 | X8), header = q41 ? 4 * G : 2 * G, bytes = header + 128;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), k256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+    const uint8_t *p = w + g * nb * bytes;
+    __m256 acc[MT];
+    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, p += bytes) {
+        for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)(p + 4 * bytes + c), _MM_HINT_T0);
+        __m256i lo[4], hi[4]; /* per 32 bytes: 4 elements of each row (low nibbles), and 4 more (high) */
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + header + 32 * j));
+            lo[j] = _mm256_and_si256(v, m4);
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mw = q41 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * G)))
+                              : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        for (int i = 0; i < mt; i++) {
+            const int64_t jx = b * M + m0 + i;
+            const uint8_t *xh = (const uint8_t *)(a.q + jx * QK), *xl = xh + QK;
+            __m256i sh = _mm256_setzero_si256(), sl0 = sh, sl1 = sh;
+            for (int j = 0; j < 4; j++) {
+                int32_t h0, h1, l0, l1; /* 4 values of x: elements 4j.. (low nibbles) and 16 + 4j.. (high) */
+                memcpy(&h0, xh + 4 * j, 4), memcpy(&h1, xh + QK / 2 + 4 * j, 4);
+                memcpy(&l0, xl + 4 * j, 4), memcpy(&l1, xl + QK / 2 + 4 * j, 4);
+                sh = _mm256_add_epi16(sh, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(h0)),
+                                                           _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(h1))));
+                sl0 = _mm256_add_epi16(sl0, _mm256_maddubs_epi16(_mm256_set1_epi32(l0), lo[j]));
+                sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(_mm256_set1_epi32(l1), hi[j]));
+            }
+            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(sh, k256),
+                                                 _mm256_add_epi32(_mm256_madd_epi16(sl0, ones), _mm256_madd_epi16(sl1, ones)));
+            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(a.d + jx));
+            acc[i] = _mm256_fmadd_ps(dw, t, _mm256_fmadd_ps(mw, _mm256_broadcast_ss(a.s + jx), acc[i]));
+        }
+    }
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(y + (m0 + i) * N + G * g, acc[i]);
+}
+
+static ALWAYS_INLINE void rows_simd_x8(const int type, const void *act, const uint8_t *w, float *y, int64_t M,
+                                       int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK;
+    const acts a = act_view(act, M, K);
+    for (int64_t g = n0 / G; g < n1 / G; g++) {
+        int64_t m = 0;
+        for (; m + MT <= M; m += MT) tile_x8(type, MT, a, w, nb, M, m, y, N, g);
+        switch (M - m) {
+        case 3: tile_x8(type, 3, a, w, nb, M, m, y, N, g); break;
+        case 2: tile_x8(type, 2, a, w, nb, M, m, y, N, g); break;
+        case 1: tile_x8(type, 1, a, w, nb, M, m, y, N, g); break;
+        }
+    }
+}
+
 static void rows_avx2(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                       int64_t n0, int64_t n1) {
     if (type == Q4_0) rows_simd(Q4_0, 0, act, w, y, M, N, K, n0, n1);
     else if (type == Q4_1) rows_simd(Q4_1, 0, act, w, y, M, N, K, n0, n1);
     else if (type == Q8_0) rows_simd(Q8_0, 0, act, w, y, M, N, K, n0, n1);
+    else if (type == (Q4_0 | X8)) rows_simd_x8(Q4_0 | X8, act, w, y, M, N, K, n0, n1);
+    else if (type == (Q4_1 | X8)) rows_simd_x8(Q4_1 | X8, act, w, y, M, N, K, n0, n1);
 }
 
 VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
@@ -319,6 +438,7 @@ VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, f
     if (type == Q4_0) rows_simd(Q4_0, 1, act, w, y, M, N, K, n0, n1);
     else if (type == Q4_1) rows_simd(Q4_1, 1, act, w, y, M, N, K, n0, n1);
     else if (type == Q8_0) rows_simd(Q8_0, 1, act, w, y, M, N, K, n0, n1);
+    else rows_avx2(type, act, w, y, M, N, K, n0, n1); /* the interleaved types: the AVX2 code */
 }
 #endif
 
@@ -345,15 +465,17 @@ static int isa(void) {
 
 const char *corral_q_isa(void) { return ISA_NAMES[isa()]; }
 
-int corral_q_row_align(void) { return R; }
+int corral_q_row_align(int type) { return type & X8 ? G : R; }
 
 void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                           int64_t n0, int64_t n1) {
     if (block_bytes(type) == 0 || n0 >= n1) return;
+    if ((type & X8) && (N % G || n0 % G || n1 % G)) abort(); /* whole groups only (the callers ensure it) */
 #ifdef __AVX2__
     if (isa() == ISA_VNNI) return rows_vnni(type, act, w, y, M, N, K, n0, n1);
     if (isa() == ISA_AVX2) return rows_avx2(type, act, w, y, M, N, K, n0, n1);
 #endif
+    if (type & X8) return rows_scalar_x8(type, act, w, y, M, N, K, n0, n1);
     rows_scalar(type, act, w, y, M, N, K, n0, n1);
 }
 
@@ -370,8 +492,8 @@ struct q_job {
 static void q_part(void *ctx, int part, int parts) {
     const struct q_job *j = ctx;
     long long n0, n1;
-    corral_split(j->N, R, part, parts, &n0, &n1);
-    if (part == parts - 1) n1 = j->N; /* the rows past the last multiple of R */
+    corral_split(j->N, corral_q_row_align(j->type), part, parts, &n0, &n1);
+    if (part == parts - 1) n1 = j->N; /* the rows past the last multiple of the alignment */
     corral_q_matvec_rows(j->type, j->act, j->w, j->y, j->M, j->N, j->K, n0, n1);
 }
 
@@ -387,7 +509,7 @@ void corral_q_matvec(int type, const float *x, const uint8_t *w, float *y, int64
         if (!scratch) abort();
     }
     corral_q_prepare(type, x, scratch, M, K);
-    if (N / R < 2 * threads) threads = 1;
+    if (N / corral_q_row_align(type) < 2 * threads) threads = 1;
     struct q_job j = {type, scratch, w, y, M, N, K};
     corral_parallel(q_part, &j, threads);
 }
@@ -399,7 +521,7 @@ void corral_q_matvec(int type, const float *x, const uint8_t *w, float *y, int64
    between them). The prefill path dequantizes a chunk of rows at a time with this. */
 void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_elements) {
     const int bytes = block_bytes(type);
-    if (bytes == 0) return;
+    if (bytes == 0 || (type & X8)) return; /* the interleaved layouts: corral_q_dequantize_rows */
     for (int64_t b = 0; b < n_elements / QK; b++, w += bytes, out += QK) {
         const float d = half_to_float(load16(w));
 #ifdef __AVX2__
@@ -440,4 +562,24 @@ void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_eleme
         }
 #endif
     }
+}
+
+/* Rows of either layout -> (N, K) floats, the same numbers as corral_q_dequantize on the GGUF blocks: an
+   interleaved block is put back into GGUF's order first. */
+void corral_q_dequantize_rows(int type, const uint8_t *w, float *out, int64_t N, int64_t K) {
+    if (!(type & X8)) return corral_q_dequantize(type, w, out, N * K);
+    const int base = type & ~X8, bytes = block_bytes(type), header = x8_header(type);
+    const int64_t nb = K / QK;
+    for (int64_t g = 0; g < N / G; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + (g * nb + b) * G * bytes;
+            for (int i = 0; i < G; i++) {
+                uint8_t gguf[20];
+                memcpy(gguf, blk + 2 * i, 2);
+                if (base == Q4_1) memcpy(gguf + 2, blk + 2 * G + 2 * i, 2);
+                uint8_t *qs = gguf + bytes - QK / 2;
+                for (int j = 0; j < 4; j++) memcpy(qs + 4 * j, blk + header + 32 * j + 4 * i, 4);
+                corral_q_dequantize(base, gguf, out + (G * g + i) * K + b * QK, QK);
+            }
+        }
 }
