@@ -14,12 +14,22 @@ positions 0..T-1, then one call per decode step.
 
 Lowering: torch.export -> `to_edge_transform_and_lower` with the XNNPACK partitioner -> `.pte`.
 executorch is imported only here, lazily; without it the export says which extra to install.
+
+Quantized programs (`quantize=`), as Meta ships Llama 3.2 for phones (ExecuTorch's own llama export
+uses the same torchao configs, which XNNPACK lowers to its dynamically quantized kernels):
+- "8da4w": every linear layer's weights in int4, one scale per group of 32 (per `group_size`), and its
+  input quantized to int8 per token at run time (8-bit dynamic activations);
+- "8da8w": int8 weights, one scale per output channel, 8-bit dynamic activations.
+The token embeddings are then stored in fp16 (read as fp32): a tied head is quantized with the linear
+layers and the table is kept apart, so the program holds the table once at 16 bits, not at 32.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +39,7 @@ from torch import Tensor, nn
 from corral.models.llama import Transformer, rope_table
 
 MISSING = "ExecuTorch export needs the executorch extra: pip install 'corral[executorch]'"
+QUANTIZE_MODES = ("8da4w", "8da8w")
 
 
 def apply_rope_real(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -87,7 +98,7 @@ class ExportableLlama(nn.Module):
         cache_pos = torch.arange(self.max_seq_len, device=tokens.device)
         mask = (input_pos[:, None] >= cache_pos[None, :])[None, None]  # (1, 1, T, S) "may attend"
         written = (cache_pos <= input_pos.max())[:, None]  # (S, 1): cache slots written so far
-        x = self.model.tok_embeddings(tokens)
+        x = self.model.tok_embeddings(tokens).float()  # a quantized program keeps the table in fp16
         for i, layer in enumerate(self.model.layers):
             h = x + self.attention(i, layer.attention_norm(x), cos, sin, input_pos, mask, written)
             x = h + layer.feed_forward(layer.ffn_norm(h))
@@ -96,16 +107,42 @@ class ExportableLlama(nn.Module):
 
 def export_program(model: Transformer, max_seq_len: int = 512):
     """torch.export of ExportableLlama(model) with a dynamic token count 1..max_seq_len."""
-    module = ExportableLlama(model, max_seq_len).eval()
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    return export_module(ExportableLlama(model, max_seq_len).eval())
+
+
+def export_module(module: ExportableLlama):
+    """torch.export of an ExportableLlama with a dynamic token count 1..its max_seq_len."""
+    seq = torch.export.Dim("seq", min=1, max=module.max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     with torch.no_grad():
         return torch.export.export(module, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 
+def quantize_for_xnnpack(module: ExportableLlama, mode: str, group_size: int = 32) -> None:
+    """Quantize module's linear layers in place with torchao (mode "8da4w" or "8da8w"; see the top of this
+    file) and store its token embeddings in fp16. Needs the executorch extra (torchao comes with it)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown .pte quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    try:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError as e:
+        raise ModuleNotFoundError(MISSING) from e
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if mode == "8da4w" and any(m.in_features % group_size for m in linears):
+        raise ValueError(f"8da4w needs every linear layer's input width to be a multiple of {group_size}")
+    embeddings = module.model.tok_embeddings
+    embeddings.weight = nn.Parameter(embeddings.weight.detach().to(torch.float16), requires_grad=False)  # untied
+    weights, granularity = (torch.int4, PerGroup(group_size)) if mode == "8da4w" else (torch.int8, PerAxis(0))
+    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=weights, weight_granularity=granularity),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+
+
 def export_pte(model: str | os.PathLike | Transformer, out_path: str | os.PathLike, *, max_seq_len: int = 512,
-               recipe: dict | None = None) -> Path:
-    """Write model (registry name, directory, .gguf, or a Transformer) as an ExecuTorch .pte (XNNPACK, fp32).
+               quantize: str | None = None, group_size: int = 32, recipe: dict | None = None) -> Path:
+    """Write model (registry name, directory, .gguf, or a Transformer) as an ExecuTorch .pte (XNNPACK): fp32,
+    or quantized ("8da4w": int4 weights in groups of group_size, "8da8w": int8 weights; 8-bit dynamic
+    activations). A Transformer passed in is left as it was.
 
     The recipe goes next to it as OUT.pte.json (a .pte has no free-form metadata).
     """
@@ -114,6 +151,8 @@ def export_pte(model: str | os.PathLike | Transformer, out_path: str | os.PathLi
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as e:
         raise ModuleNotFoundError(MISSING) from e
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown .pte quantization {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     from corral.checkpoints import CheckpointError, load_model
 
     out_path = Path(out_path).expanduser()
@@ -131,11 +170,20 @@ def export_pte(model: str | os.PathLike | Transformer, out_path: str | os.PathLi
         if not isinstance(model, Transformer) or checkpoint.quantization in QUANTIZATIONS:
             raise CheckpointError(f"{checkpoint.path}: only float Llama text models can be exported to .pte "
                                   "(a `corral quantize` checkpoint is not)")
+    else:
+        model = copy.deepcopy(model)  # quantizing or casting must not change the caller's model
     model = model.float().eval()
-    program = export_program(model, max_seq_len)
+    module = ExportableLlama(model, max_seq_len).eval()
+    if quantize is not None:
+        quantize_for_xnnpack(module, quantize, group_size)
+    program = export_module(module)
+    print(f"corral: lowering to XNNPACK, {out_path.name} (one core; SmolLM2-135M takes 9-16 minutes)", file=sys.stderr)
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     out_path.write_bytes(lowered.to_executorch().buffer)
-    record = {"source": source, "type": "pte", "backend": "xnnpack", "dtype": "float32", "max_seq_len": max_seq_len,
+    weights = {"8da4w": f"int4, groups of {group_size}; 8-bit dynamic activations; embeddings fp16",
+               "8da8w": "int8 per channel; 8-bit dynamic activations; embeddings fp16"}.get(quantize, "float32")
+    record = {"source": source, "type": "pte", "backend": "xnnpack", "quantize": quantize or "none",
+              "weights": weights, "max_seq_len": max_seq_len,
               "inputs": "tokens (1, T) int64, input_pos (T,) int64", "outputs": "logits (1, T, vocab) float32",
               **(recipe or {})}
     out_path.with_suffix(".pte.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -67,8 +67,6 @@ def test_exportable_forward_equals_model():
 
 @needs_executorch
 def test_pte_runs_in_executorch_runtime(tmp_path):
-    from executorch.runtime import Runtime
-
     from corral.customize.executorch import export_pte
 
     model = tiny_model()
@@ -76,13 +74,65 @@ def test_pte_runs_in_executorch_runtime(tmp_path):
     expected = eager_logits(model, toks, n_prefill=12)
     out = export_pte(model, tmp_path / "tiny.pte", max_seq_len=32)
     assert out.stat().st_size > 0 and out.with_suffix(".pte.json").is_file()
-    method = Runtime.get().load_program(out).load_method("forward")
-    got = [method.execute([toks[:, :12], torch.arange(12)])[0]]  # prefill
-    got += [method.execute([toks[:, p:p + 1], torch.tensor([p])])[0] for p in range(12, 20)]  # decode
-    got = torch.cat(got, dim=1)
+    got = run_pte(out, toks, n_prefill=12)  # a prefill, then one decode step at a time
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= PTE_ATOL
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def run_pte(path, toks: torch.Tensor, n_prefill: int) -> torch.Tensor:
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(path).load_method("forward")
+    got = [method.execute([toks[:, :n_prefill], torch.arange(n_prefill)])[0]]
+    got += [method.execute([toks[:, p:p + 1], torch.tensor([p])])[0] for p in range(n_prefill, toks.shape[1])]
+    return torch.cat(got, dim=1)
+
+
+@needs_executorch
+@pytest.mark.parametrize("mode", ["8da4w", "8da8w"])
+def test_quantized_pte_equals_torchao_reference(tmp_path, mode):
+    """A quantized .pte, run by ExecuTorch's runtime, against torchao's own eager computation of the same
+    quantized model (its reference ops: weights dequantized, activations quantized per token and back):
+    8da8w equal to fp32 rounding, with the same argmax; 8da4w far closer to it than to the float model
+    (XNNPACK's int4 kernel rounds its dynamic activations its own way: measured, the differences are
+    5-10% of what the 4-bit quantization itself moves the logits). The model passed in is left float."""
+    import copy
+
+    from corral.customize.executorch import export_pte, quantize_for_xnnpack
+
+    model = tiny_model(seed=3)
+    toks = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    float_logits = eager_logits(model, toks, n_prefill=12)
+    reference = ExportableLlama(copy.deepcopy(model), max_seq_len=32).eval()
+    quantize_for_xnnpack(reference, mode)
+    assert reference.model.tok_embeddings.weight.dtype == torch.float16
+    with torch.no_grad():
+        want = [reference(toks[:, :12], torch.arange(12))]
+        want += [reference(toks[:, p:p + 1], torch.tensor([p])) for p in range(12, 20)]
+    want = torch.cat(want, dim=1)
+    quantization_error = (want - float_logits).abs()
+    assert quantization_error.max() > 1e-3  # the reference really is quantized
+
+    out = export_pte(model, tmp_path / f"{mode}.pte", max_seq_len=32, quantize=mode)
+    assert type(model.output) is torch.nn.Linear and model.output.weight.dtype == torch.float32  # untouched
+    assert torch.equal(eager_logits(model, toks, n_prefill=12), float_logits)
+    got = run_pte(out, toks, n_prefill=12)
+    diff = (got - want).abs()
+    if mode == "8da8w":
+        assert diff.max() <= 1e-4 and torch.equal(got.argmax(-1), want.argmax(-1))
+    else:
+        assert diff.mean() <= 0.15 * quantization_error.mean() and diff.max() <= 0.25 * quantization_error.max()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    assert f'"quantize": "{mode}"' in out.with_suffix(".pte.json").read_text()
+
+
+def test_cli_refuses_quantize_for_gguf(tmp_path, capsys):
+    from corral.cli.main import main as cli
+
+    assert cli(["export", "SmolLM2-135M-Instruct", str(tmp_path / "m.gguf"), "--quantize", "8da4w"]) == 1
+    assert "--quantize is for .pte programs" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_cli_without_the_extra(tmp_path, monkeypatch, capsys):
@@ -91,7 +141,8 @@ def test_cli_without_the_extra(tmp_path, monkeypatch, capsys):
 
     from corral.cli.main import main as cli
 
-    monkeypatch.setitem(sys.modules, "executorch", None)  # import executorch -> ModuleNotFoundError
+    for name in ["executorch", *(n for n in sys.modules if n.startswith("executorch."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import executorch(.anything) -> ModuleNotFoundError
     assert cli(["export", "SmolLM2-135M-Instruct", str(tmp_path / "m.pte")]) == 1
     assert "pip install 'corral[executorch]'" in capsys.readouterr().err
     assert not (tmp_path / "m.pte").exists()
