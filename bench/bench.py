@@ -471,7 +471,7 @@ def run_child(model: str, variant: str, path: Path, args, round_: int) -> dict |
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     r.update(model=model, variant=variant)
     print(f"bench:   prefill {statistics.median(r['prefill']):.1f} tok/s, "
-          f"decode {statistics.median(r['decode']):.2f} tok/s, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
+          f"decode {statistics.median(r['decode']):.2f} tok/s, peak {r['peak_mb']:.0f} MiB", file=sys.stderr)
     return r
 
 
@@ -495,7 +495,7 @@ def table(results: list[dict], args, bandwidth: float, bandwidth_after: float) -
         vs_dec = f"{dec / statistics.median(pair['decode']):.2f}x" if pair else "-"
         vs_pre = f"{pre / statistics.median(pair['prefill']):.2f}x" if pair else "-"
         share = f"{100 * r['decode_bytes'] * dec / (bandwidth * 1e9):.0f}%" if bandwidth else "-"
-        peak = f"{r['peak_mb']:.0f} MB ({r['peak_mb'] * 2**20 / r['weight_bytes']:.2f}x)"
+        peak = f"{r['peak_mb']:.0f} MiB ({r['peak_mb'] * 2**20 / r['weight_bytes']:.2f}x)"
         name = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama-3.2-1B shape"}[r["model"]]
         lines.append(f"| {name} | {r['variant']} | {spread(r['prefill'], 1)} | {spread(r['decode'], 1)} | {vs_dec} | "
                      f"{vs_pre} | {share} | {r['weight_bytes'] / 2**20:.0f} MiB | {peak} |")
