@@ -564,22 +564,26 @@ void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_eleme
     }
 }
 
-/* Rows of either layout -> (N, K) floats, the same numbers as corral_q_dequantize on the GGUF blocks: an
-   interleaved block is put back into GGUF's order first. */
+/* Rows of either layout -> (N, K) floats, the same numbers as corral_q_dequantize on the GGUF blocks: each
+   interleaved group of G rows is put back into GGUF's order in a small buffer, then dequantized in one call. */
 void corral_q_dequantize_rows(int type, const uint8_t *w, float *out, int64_t N, int64_t K) {
     if (!(type & X8)) return corral_q_dequantize(type, w, out, N * K);
     const int base = type & ~X8, bytes = block_bytes(type), header = x8_header(type);
     const int64_t nb = K / QK;
-    for (int64_t g = 0; g < N / G; g++)
+    uint8_t *rows = malloc((size_t)(G * nb * bytes)); /* G rows of GGUF blocks */
+    if (!rows) abort();
+    for (int64_t g = 0; g < N / G; g++) {
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + (g * nb + b) * G * bytes;
             for (int i = 0; i < G; i++) {
-                uint8_t gguf[20];
+                uint8_t *gguf = rows + (i * nb + b) * bytes;
                 memcpy(gguf, blk + 2 * i, 2);
                 if (base == Q4_1) memcpy(gguf + 2, blk + 2 * G + 2 * i, 2);
                 uint8_t *qs = gguf + bytes - QK / 2;
                 for (int j = 0; j < 4; j++) memcpy(qs + 4 * j, blk + header + 32 * j + 4 * i, 4);
-                corral_q_dequantize(base, gguf, out + (G * g + i) * K + b * QK, QK);
             }
         }
+        corral_q_dequantize(base, rows, out + G * g * K, G * K);
+    }
+    free(rows);
 }
