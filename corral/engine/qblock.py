@@ -329,7 +329,26 @@ def matvec(x: Tensor, blocks: Tensor, qtype: str | int, interleaved: bool = Fals
 
 # ---- modules -------------------------------------------------------------------------------------------------
 
-class BlockLinear(nn.Module):
+class _Blocks(nn.Module):
+    """A module whose `weight` buffer holds GGUF blocks, or after repacking (`interleaved`) the interleaved
+    layout; `blocks` and the state dict always give GGUF's. Subclasses set `interleaved` in __init__."""
+
+    @property
+    def blocks(self) -> Tensor:
+        """The GGUF blocks, (rows, row bytes) uint8 (a copy if interleaved)."""
+        return deinterleave(self.weight, self.qtype) if self.interleaved else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.interleaved:
+            destination[prefix + "weight"] = self.blocks
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.interleaved = False  # what a state dict holds is GGUF's layout
+
+
+class BlockLinear(_Blocks):
     """A Linear whose weight is GGUF blocks: `weight` (= `blocks`) uint8 (out, in / 32 * block bytes), `qtype`.
 
     Inputs of up to MATVEC_MAX_ROWS rows on the CPU go through the block kernel; larger ones (prefill)
@@ -350,11 +369,6 @@ class BlockLinear(nn.Module):
         self.interleaved = False
 
     @property
-    def blocks(self) -> Tensor:
-        """The GGUF blocks, (out_features, in_features / 32 * qtype.block_bytes) uint8 (a copy if interleaved)."""
-        return deinterleave(self.weight, self.qtype) if self.interleaved else self.weight
-
-    @property
     def kernel_type(self) -> int:
         """The type number kernels/qblock.c reads `weight` as."""
         return int(self.qtype) | (X8 if self.interleaved else 0)
@@ -368,15 +382,6 @@ class BlockLinear(nn.Module):
                 self.weight[i:i + step] = interleave(self.weight[i:i + step], self.qtype)
             self.interleaved = True
         return self.interleaved
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.interleaved:
-            destination[prefix + "weight"] = self.blocks
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.interleaved = False  # what a state dict holds is GGUF's layout
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.weight, self.qtype, dtype, interleaved=self.interleaved)
@@ -406,7 +411,7 @@ class BlockLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class BlockEmbedding(nn.Module):
+class BlockEmbedding(_Blocks):
     """Token embeddings in GGUF blocks (`weight` uint8 (num_embeddings, row bytes)); a lookup dequantizes
     only the rows it returns, in `dtype`."""
 
@@ -425,15 +430,6 @@ class BlockEmbedding(nn.Module):
         flat = ids.flatten()
         rows = deinterleave(self.weight, self.qtype, flat) if self.interleaved else self.weight[flat]
         return dequantize(rows, self.qtype, self.dtype).view(*ids.shape, self.embedding_dim)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.interleaved:
-            destination[prefix + "weight"] = deinterleave(self.weight, self.qtype)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.interleaved = False
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
