@@ -118,11 +118,15 @@ def export_module(module: ExportableLlama):
         return torch.export.export(module, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown .pte quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
+
+
 def quantize_for_xnnpack(module: ExportableLlama, mode: str, group_size: int = 32) -> None:
     """Quantize module's linear layers in place with torchao (mode "8da4w" or "8da8w"; see the top of this
     file) and store its token embeddings in fp16. Needs the executorch extra (torchao comes with it)."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"unknown .pte quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    _check_mode(mode)
     try:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
@@ -151,8 +155,8 @@ def export_pte(model: str | os.PathLike | Transformer, out_path: str | os.PathLi
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as e:
         raise ModuleNotFoundError(MISSING) from e
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown .pte quantization {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    if quantize is not None:
+        _check_mode(quantize)  # before loading the model
     from corral.checkpoints import CheckpointError, load_model
 
     out_path = Path(out_path).expanduser()
