@@ -22,7 +22,7 @@ embedding and head hold the table once.
 
 For inference the 4-bit layers are repacked in place into kernels/qblock.c's interleaved layout (8 rows'
 blocks side by side; `interleave_model`, which the native decode step calls): the same bytes in another
-order, which the kernel multiplies ~1.5-1.8x faster. Such a module says so (`interleaved`), still gives
+order, which the kernel multiplies 1.2-1.75x faster at one row (docs/benchmarks.md). Such a module says so (`interleaved`), still gives
 GGUF's bytes through `blocks` and its state dict, and computes the same integer products.
 
     quantize(w, qtype) / dequantize(blocks, qtype)     float (N, K) <-> uint8 blocks (N, K / 32 * bytes)

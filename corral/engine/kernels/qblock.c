@@ -371,7 +371,7 @@ static ALWAYS_INLINE void rows_simd(const int type, const int vnni, const void *
 /* Interleaved groups g0 .. g1 - 1 for rows m0 .. m0 + mt - 1 of x: output rows 8g .. 8g + 7 in the lanes. */
 static ALWAYS_INLINE void tile_x8(const int type, const int mt, acts a, const uint8_t *w, int64_t nb, int64_t M,
                                   int64_t m0, float *y, int64_t N, int64_t g) {
-    const int q41 = type == (Q4_1 | X8), header = q41 ? 4 * G : 2 * G, bytes = header + 128;
+    const int q41 = type == (Q4_1 | X8), header = x8_header(type), bytes = G * block_bytes(type);
     const __m256i m4 = _mm256_set1_epi8(0x0F), k256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
     const uint8_t *p = w + g * nb * bytes;
     __m256 acc[MT];
