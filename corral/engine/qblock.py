@@ -12,9 +12,10 @@ fp32 copy.
 
 `BlockLinear` holds the blocks (`weight`, uint8 (N, K / 32 * block bytes), also reachable as `blocks`)
 and its `qtype` (a `QType`, whose int value is GGML's type number). Its forward, for inputs of up to
-MATVEC_MAX_ROWS rows (decode), is kernels/qblock.c: the activations are quantized to 16-bit integers
-per block of 32 and multiplied in integers, so results differ from the float product by ~2e-5
-relative (SmolLM2's logits by ~0.005); larger inputs (prefill) dequantize a chunk of output rows at a
+MATVEC_MAX_ROWS rows (decode), is kernels/qblock.c: the activations are quantized per block of 32 and
+multiplied in integers, 16-bit ones for Q8_0 (results differ from the float product by ~2e-5
+relative, SmolLM2's logits by ~0.005) and 8-bit ones for the 4-bit types, as llama.cpp (~1e-2 relative,
+small beside the 4-bit weights' own error: bench/activation_quality.py); larger inputs (prefill) dequantize a chunk of output rows at a
 time and use torch's matmul. Without the compiled kernels (no compiler, no AVX2, CORRAL_CPU_KERNELS=0)
 everything runs through the dequantizing path: same layouts, slower.
 `BlockEmbedding` looks rows up in the same blocks (dequantizing only the rows asked for), so a tied
@@ -22,8 +23,10 @@ embedding and head hold the table once.
 
 For inference the 4-bit layers are repacked in place into kernels/qblock.c's interleaved layout (8 rows'
 blocks side by side; `interleave_model`, which the native decode step calls): the same bytes in another
-order, which the kernel multiplies 1.2-1.75x faster at one row (docs/benchmarks.md). Such a module says so (`interleaved`), still gives
-GGUF's bytes through `blocks` and its state dict, and computes the same integer products.
+order, which the kernel multiplies 1.2-1.75x faster at one row (docs/benchmarks.md). Such a module says
+so (`interleaved`), still gives GGUF's bytes through `blocks` and its state dict, and computes the same
+integer products. CORRAL_Q4_ACTIVATION_BITS=16 keeps the 4-bit layers in GGUF's layout with 16-bit
+activations instead (the float product to ~2e-5, where 8 bits move SmolLM2's logits by up to ~0.8).
 
     quantize(w, qtype) / dequantize(blocks, qtype)     float (N, K) <-> uint8 blocks (N, K / 32 * bytes)
     quantize_model_blocks(model, qtype)                every Linear (K % 32 == 0) in place, the head too
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from enum import IntEnum
 
@@ -52,6 +56,12 @@ CHUNK_ELEMENTS = 1 << 24  # quantize / dequantize at most this many weights at a
 MATVEC_MAX_ROWS = 32  # inputs of up to this many rows use the kernel (as Int8Linear, engine/quantize.py)
 GROUP = 8  # rows per group of the interleaved layouts
 X8 = 0x100  # kernel type flag: the 4-bit blocks interleaved by GROUP rows (kernels/qblock.c)
+A16 = 0x200  # kernel type flag: a 4-bit type in GGUF's layout with 16-bit activations
+# The 4-bit layers' activations in the kernel: 8 bits (as llama.cpp; the fast interleaved layout) or 16
+# (GGUF's layout, results within ~2e-5 of the dequantized float product, decode 1.2-1.7x slower).
+Q4_ACTIVATION_BITS = int(os.environ.get("CORRAL_Q4_ACTIVATION_BITS", "8"))
+if Q4_ACTIVATION_BITS not in (8, 16):
+    raise ValueError(f"CORRAL_Q4_ACTIVATION_BITS must be 8 or 16, not {Q4_ACTIVATION_BITS}")
 
 
 class QType(IntEnum):
@@ -277,17 +287,28 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.corral_q_isa.argtypes = []
 
 
+def _rounded_activations(x: Tensor, kind: int) -> Tensor:
+    """x (M, K) as the kernel rounds it for a kernel type, in float64: per block of 32,
+    q = round(x * (1 / d)) with d = max|x| / 32767 (Q8_0, | A16) or / 127 (the 4-bit types), times d."""
+    levels = 32767.0 if kind & 0xFF == QType.Q8_0 or kind & A16 else 127.0
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / levels
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return (torch.round(blocks * inv).double() * d.double()).reshape(x.shape)
+
+
 def _self_test(lib) -> bool:
-    """Each type and layout against the dequantized float product on a small problem (a miscompile must
-    not pass)."""
+    """Each type and layout against the float product of the rounded activations on a small problem (a
+    miscompile must not pass)."""
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(16, 64, generator=gen), torch.randn(3, 64, generator=gen)
     for qtype in QType:
         blocks = quantize(w, qtype)
-        want = x.double() @ _dequantize_torch(blocks, qtype).double().T
-        layouts = [(blocks, int(qtype))] + ([(interleave(blocks, qtype), int(qtype) | X8)]
-                                            if can_interleave(qtype, 16) else [])
+        layouts = [(blocks, int(qtype))]
+        if qtype != QType.Q8_0:
+            layouts += [(blocks, int(qtype) | A16), (interleave(blocks, qtype), int(qtype) | X8)]
         for data, kind in layouts:
+            want = _rounded_activations(x, kind) @ _dequantize_torch(blocks, qtype).double().T
             got = _matvec(lib, x, data, kind, 16)
             if not torch.allclose(got.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item()):
                 return False
@@ -311,7 +332,7 @@ def _matvec(lib, x: Tensor, blocks: Tensor, kind: int, n: int) -> Tensor:
 
 def matvec(x: Tensor, blocks: Tensor, qtype: str | int, interleaved: bool = False) -> Tensor:
     """x (M, K) fp32 (small M) -> (M, N) fp32 ~= x @ dequantize(blocks).T, through the kernel (x is
-    quantized to 16-bit integers per block of 32 on the way). interleaved: blocks are interleave()'s."""
+    quantized per block of 32 on the way: to 16 bits for Q8_0, 8 bits for the 4-bit types). interleaved: blocks are interleave()'s."""
     qtype = QType.of(qtype)
     lib = _kernel()
     if lib is None:
@@ -370,13 +391,17 @@ class BlockLinear(_Blocks):
 
     @property
     def kernel_type(self) -> int:
-        """The type number kernels/qblock.c reads `weight` as."""
-        return int(self.qtype) | (X8 if self.interleaved else 0)
+        """The type number kernels/qblock.c reads `weight` as (and how it rounds the activations)."""
+        if self.interleaved:
+            return int(self.qtype) | X8
+        return int(self.qtype) | (A16 if self.qtype != QType.Q8_0 and Q4_ACTIVATION_BITS == 16 else 0)
 
     @torch.no_grad()
     def interleave_(self) -> bool:
-        """Repack `weight` in place into the interleaved layout where it has one; whether it is now."""
-        if not self.interleaved and can_interleave(self.qtype, self.out_features) and self.weight.device.type == "cpu":
+        """Repack `weight` in place into the interleaved layout where it has one (with 8-bit activations);
+        whether it is now."""
+        if (not self.interleaved and can_interleave(self.qtype, self.out_features) and Q4_ACTIVATION_BITS == 8
+                and self.weight.device.type == "cpu"):
             step = max(GROUP, CHUNK_ELEMENTS // self.in_features // GROUP * GROUP)
             for i in range(0, self.out_features, step):  # a chunk of whole groups at a time: no second copy
                 self.weight[i:i + step] = interleave(self.weight[i:i + step], self.qtype)

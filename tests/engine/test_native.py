@@ -89,13 +89,27 @@ def test_gguf_block_step_equals_eager(qtype):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_real_model_step_equals_eager_and_greedy_tokens_agree(smollm2_gguf, quantize):
+@pytest.mark.parametrize("quantize, bits", [(None, 16), (None, 8), ("int8", 8)])
+def test_real_model_step_equals_eager_and_greedy_tokens_agree(smollm2_gguf, quantize, bits, monkeypatch):
+    """The real Q4_1 file (or int8): one step natively and eagerly, and whole greedy generations. With
+    16-bit activations in the 4-bit layers the two paths agree to float noise; with the default 8-bit
+    ones the same noise can flip an activation's rounding (as it can in llama.cpp), so the logits agree
+    to ~0.5, and the tokens."""
     from corral.checkpoints import load_model
+    from corral.engine import qblock
 
+    monkeypatch.setattr(qblock, "Q4_ACTIVATION_BITS", bits)
     model, _ = load_model(smollm2_gguf, quantize=quantize)
     eager, fast = decode_step_both_ways(model, [list(range(100, 140)), list(range(300, 303))])
-    torch.testing.assert_close(fast, eager, rtol=0, atol=1e-4 * max(1.0, eager.abs().max().item()))
+    w2 = model.layers[1].feed_forward.w2
+    assert quantize == "int8" or w2.interleaved == (bits == 8)
+    scale = max(1.0, eager.abs().max().item())
+    print(f"\n[native] SmolLM2 {quantize or 'Q4_1'} ({bits}-bit activations) step vs eager: max |dlogit| "
+          f"{(fast - eager).abs().max():.1e}")
+    # int8: 1e-4 of the largest logit; Q4_1 with 16-bit activations: 2e-4 (GGUF's layout, whose float
+    # summation order lets the paths' noise grow to ~2.5e-3 over 30 layers); 8-bit: ~2% (a flipped rounding)
+    tolerance = 1e-4 if quantize else 2e-4 if bits == 16 else 0.05
+    torch.testing.assert_close(fast, eager, rtol=0, atol=tolerance * scale)
     # whole greedy generations, batched, natively and eagerly
     outs = []
     for native in (True, False):

@@ -83,13 +83,13 @@ def test_isa_is_the_best_this_cpu_has():
     if not cpu_kernels.available():
         assert qblock.kernel_isa() is None
         return
-    want = "avx512vnni" if {"avx512vnni", "avx512bw", "avx512vl"} <= flags else "avx2"
+    want = "avx512vnni" if {"avx512f", "avx512_vnni", "avx512bw", "avx512vl"} <= flags else "avx2"  # Linux's names
     assert qblock.kernel_isa() == want
 
 
-def prepared(lib, qtype: QType, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepared(lib, qtype: QType | int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's quantized activations (its layout: int16 q[K/32][M][32], then fp32 d[K/32][M]) as
-    (M, K) values and (M, K/32) scales."""
+    (M, K) values and (M, K/32) scales: 16-bit for Q8_0, 8-bit for the 4-bit types, as llama.cpp."""
     m, k = x.shape
     nb = k // 32
     act = torch.zeros(lib.corral_q_act_bytes(int(qtype), m, k), dtype=torch.uint8)
@@ -99,26 +99,38 @@ def prepared(lib, qtype: QType, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, d
 
 
+def quantized_x(lib, qtype: QType, x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel multiplies it (float64): its integers times their block's scale."""
+    q, d = prepared(lib, qtype, x)
+    return q.double() * d.double().repeat_interleave(32, dim=1)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("m", DECODE_ROWS)
 @pytest.mark.parametrize("qtype", TYPES, ids=str)
 def test_kernel_matches_float64(qtype, m):
     """y = (the kernel's quantized x) @ dequantized W^T in float64, for every decode batch size, odd N
-    (a tail of rows past the last group of four) and a wide K."""
+    (a tail of rows past the last group of four) and a wide K; x rounded to 16 bits for Q8_0 and for a
+    4-bit type | A16, to 8 bits for the 4-bit types (as llama.cpp)."""
     lib = qblock._kernel()
     assert lib is not None, "the block kernels did not build or failed their self-test"
+    kinds = [int(qtype)] + ([int(qtype) | qblock.A16] if qtype in FOUR_BIT else [])
     for n, k in [(37, 96), (13, 576), (4, 32)]:
         gen = torch.Generator().manual_seed(m * 1000 + n)
         w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(m, k, generator=gen)
         x[0, :32] = 0  # an all-zero activation block
         blocks = qblock.quantize(w, qtype)
-        q, d = prepared(lib, qtype, x)
-        xq = q.double() * d.double().repeat_interleave(32, dim=1)
-        assert (xq - x.double()).abs().max() <= x.abs().max() / 65534 * 1.001  # 16 bits per block of 32
-        want = xq @ qblock.dequantize(blocks, qtype).double().T
-        got = qblock.matvec(x, blocks, qtype)
-        assert got.shape == (m, n) and got.dtype == torch.float32
-        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (n, k)
+        for kind in kinds:
+            q, d = prepared(lib, kind, x)
+            xq = q.double() * d.double().repeat_interleave(32, dim=1)
+            levels = 127 if kind in FOUR_BIT else 32767  # 8 or 16 bits per block of 32
+            block_max = q.abs().view(m, -1, 32).amax(-1)
+            assert torch.equal(block_max, torch.where(x.view(m, -1, 32).abs().amax(-1) > 0, levels, 0).to(block_max))
+            assert (xq - x.double()).abs().max() <= x.abs().max() / (2 * levels) * 1.001
+            want = xq @ qblock.dequantize(blocks, qtype).double().T
+            got = qblock._matvec(lib, x, blocks, kind, n)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (n, k, kind)
 
 
 @needs_cpu_kernels
@@ -162,8 +174,8 @@ def test_row_ranges(qtype):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=str)
 def test_block_linear(qtype):
-    """Decode-sized inputs through the kernel (close to the float product: the activations are rounded
-    to 16 bits), prefill-sized ones through the dequantized weights (the float product), bias and bf16."""
+    """Decode-sized inputs through the kernel (the product of the kernel's rounded activations: 16 bits
+    for Q8_0, 8 for the 4-bit types), prefill-sized ones through the dequantized weights (the float product), bias and bf16."""
     torch.manual_seed(1)
     w, b = torch.randn(48, 128) * 0.05, torch.randn(48)
     lin = BlockLinear(128, 48, qtype, bias=True)
@@ -173,8 +185,10 @@ def test_block_linear(qtype):
     prefill = torch.randn(2, 20, 128)  # 40 rows
     assert torch.allclose(lin(prefill), prefill @ ref.T + b, atol=1e-5)
     decode = torch.randn(3, 1, 128)
-    want = decode @ ref.T + b
-    assert torch.allclose(lin(decode), want, atol=1e-4 * want.abs().max().item())
+    lib = qblock._kernel()
+    xq = decode if lib is None else quantized_x(lib, qtype, decode.view(3, 128)).float().view(3, 1, 128)
+    want = xq @ ref.T + b
+    assert torch.allclose(lin(decode), want, atol=1e-5 * want.abs().max().item())
     out = lin(decode.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), want, atol=0.05 * want.abs().max().item())
 
@@ -297,6 +311,35 @@ def test_interleaved_rows_do_not_depend_on_the_batch_or_range(qtype):
     assert torch.equal(y, batch)
 
 
+@needs_cpu_kernels
+def test_every_simd_path_gives_the_same_numbers(tmp_path, monkeypatch):
+    """Each SIMD path below the best one this CPU has (CORRAL_CPU_ISA caps the choice; a copy of the
+    library per path, as the choice is made once per process) computes the same integers and the same
+    float steps: bit-identical to the best path, every type and layout, 1 to 5 rows of x."""
+    import subprocess
+    from pathlib import Path
+
+    best = qblock.kernel_isa()
+    paths = ["avx2", "avx512vnni"][: ["avx2", "avx512vnni"].index(best) + 1]
+    src = Path(qblock.__file__).parent / "kernels"
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(40, 256, generator=gen) * 0.05, torch.randn(5, 256, generator=gen)
+    layouts = [(qblock.quantize(w, qtype), int(qtype)) for qtype in QType]
+    layouts += [(qblock.interleave(qblock.quantize(w, qtype), qtype), int(qtype) | qblock.X8) for qtype in FOUR_BIT]
+    for isa in paths:
+        out = tmp_path / f"{isa}.so"
+        subprocess.run([cpu_kernels._compiler(), *cpu_kernels.FLAGS, "-o", str(out), str(src / "qblock.c"),
+                        str(src / "pool.c")], check=True)
+        monkeypatch.setenv("CORRAL_CPU_ISA", isa)
+        lib = ctypes.CDLL(str(out))
+        qblock._declare(lib)
+        assert lib.corral_q_isa().decode() == isa
+        for data, kind in layouts:
+            for m in range(1, 6):
+                assert torch.equal(qblock._matvec(lib, x[:m], data, kind, 40),
+                                   qblock._matvec(qblock._kernel(), x[:m], data, kind, 40)), (isa, kind, m)
+
+
 def test_the_scalar_path_for_other_cpus(tmp_path):
     """qblock.c compiled without AVX2 (what a CPU without it, or another architecture, runs): every type
     and layout against float64, through the same C entry points."""
@@ -317,7 +360,7 @@ def test_the_scalar_path_for_other_cpus(tmp_path):
     w, x = torch.randn(24, 96, generator=gen) * 0.05, torch.randn(3, 96, generator=gen)
     for qtype in QType:
         blocks = qblock.quantize(w, qtype)
-        want = x.double() @ qblock.dequantize(blocks, qtype).double().T
+        want = quantized_x(lib, qtype, x) @ qblock.dequantize(blocks, qtype).double().T
         layouts = [(blocks, int(qtype))]
         if qtype in FOUR_BIT:
             layouts.append((qblock.interleave(blocks, qtype), int(qtype) | qblock.X8))

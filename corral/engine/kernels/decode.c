@@ -23,8 +23,8 @@
 
 #include "kernels.h"
 
-enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_X8 = 0x100 }; /* block types: GGML's
-    numbers; | W_X8: the 4-bit blocks interleaved by 8 rows (qblock.c) */
+enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_X8 = 0x100, W_A16 = 0x200 }; /* block types:
+    GGML's numbers; | W_X8: the 4-bit blocks interleaved by 8 rows, | W_A16: with 16-bit activations (qblock.c) */
 
 /* The block kernels live in qblock.c; weak, so the library still loads (fp32 and int8 only) without it. */
 extern size_t corral_q_act_bytes(int type, int64_t M, int64_t K) __attribute__((weak));
@@ -62,7 +62,8 @@ int corral_decode_abi(void) { return 2; } /* bumped when the structs change; nat
 
 int corral_decode_supports(int64_t type) {
     if (type == W_F32 || type == W_INT8) return 1;
-    if (type == W_Q4_0 || type == W_Q4_1 || type == W_Q8_0 || type == (W_Q4_0 | W_X8) || type == (W_Q4_1 | W_X8))
+    if (type == W_Q4_0 || type == W_Q4_1 || type == W_Q8_0 || type == (W_Q4_0 | W_X8) || type == (W_Q4_1 | W_X8) ||
+        type == (W_Q4_0 | W_A16) || type == (W_Q4_1 | W_A16))
         return corral_q_matvec_rows != NULL;
     return 0;
 }

@@ -11,14 +11,18 @@
    y (M, N) = x (M, K) @ W^T for the few rows of a decode step. As in llama.cpp, each row of x is
    quantized once per call into blocks of 32 integers with an fp32 scale (corral_q_prepare), so that a
    weight block times an activation block is an integer dot product, converted and scaled once per
-   block. llama.cpp uses int8 activations (maddubs); here they are int16 (madd_epi16), which costs a
-   little more arithmetic per byte of weights (decode is memory-bound: it barely shows) and keeps the
-   result near the float product: with int8 the rounding of the activations moved SmolLM2's logits by
-   up to ~1 against the dequantized float model, and two paths that differ by float noise (a cached
-   decode and a full forward) by ~0.03 in a log-probability, as each tiny difference can flip a
-   rounding; with int16 that is ~250 times smaller. The 4-bit nibbles are used unsigned and the offset
-   comes in through the activation block's sum:
+   block. For Q8_0 weights the activations are int16 (madd_epi16): with int8 the rounding of the
+   activations moved SmolLM2's logits by up to ~1 against the dequantized float model, and two paths
+   that differ by float noise (a cached decode and a full forward) by ~0.03 in a log-probability; with
+   int16 that is ~250 times smaller, and the 8-bit product is memory-bound either way. For the 4-bit
+   types they are int8 (|q| <= 127), as llama.cpp's Q8_0 activations: their kernel is compute-bound at
+   one row and a byte product halves its work, while the weights' own 4-bit error dwarfs the
+   activations' (bench/activation_quality.py: SmolLM2 top-1 agreement with fp32 72.4% -> 71.8%, KL
+   0.307 -> 0.306). The 4-bit nibbles are used unsigned and the offset comes in through the activation
+   block's sum:
        sum_j (u_j d + m) dx q_j = d dx dot(u, q) + m (dx sum_j q_j)
+   A 4-bit type | A16 (in GGUF's layout) keeps 16-bit activations, for results within ~2e-5 of the float
+   product (CORRAL_Q4_ACTIVATION_BITS=16 in qblock.py).
    so Q4_0 is Q4_1 with m = -8 d.
 
    Four output rows go together: their four 8-lane integer sums fold with two hadds into one vector
@@ -29,17 +33,17 @@
    sequence's logits do not depend on what else is in its batch.
 
    Code paths, chosen at run time and reported by corral_q_isa():
-       "avx512vnni"  the AVX2 code with vpdpwssd (two madd_epi16 and their sum in two instructions)
+       "avx512vnni"  the AVX2 code with vpdpwssd (two madd_epi16 and their sum in two instructions) and,
+                     for the interleaved types, vpdpbusd
        "avx2"        AVX2 + FMA + F16C, which the whole library is compiled for
        "scalar"      plain C, the reference for any other CPU
-   An ARM build would add a NEON path the same way (vmlal_s16 is the same int16 product).
+   An ARM build would add a NEON path the same way (vmlal_s16 and vdotq_s32 are the same products).
 
    Prepared activations (corral_q_act_bytes bytes; opaque to callers but for the tests), block-major:
-       int16 q[K/32][M][32]   the quantized values, |q| <= 32767
-       float d[K/32][M]       their scales, max|x| / 32767
+       int16 q[K/32][M][32]   the quantized values, |q| <= 32767 (Q8_0) or 127 (4-bit types)
+       float d[K/32][M]       their scales, max|x| / 32767 or max|x| / 127
        float s[K/32][M]       d * sum(q), for the 4-bit types' offset term
-   (for the interleaved types below, each q[b][m] slot holds the same values split in two byte arrays,
-   int8 hi[32] = q >> 8 and uint8 lo[32] = q & 255, so that q = 256 hi + lo).
+   (for the interleaved types below, each q[b][m] slot starts with the same values as int8 q[32]).
 
    Interleaved 4-bit layouts (type | X8, Corral's own; the engine repacks a model's GGUF blocks into them
    in place, same bytes in all). Above, every block ends in a horizontal fold and gathers four scattered
@@ -50,11 +54,9 @@
    where byte 4i + t of the j-th 32 is row i's qs[4j + t] (its elements 4j + t and 4j + t + 16). One
    vector of nibbles then holds 4 elements of each of the 8 rows, a vpmaddubsw of it against 4 values of
    x broadcast gives each row's products in its own lanes, and the block's 8 sums land one per lane: no
-   fold, and the scales are one load. vpmaddubsw multiplies bytes, so x comes as its two byte halves:
-       u . q = 256 (u . hi) + (u . lo)      exactly: the same integer dot as the int16 path
-   (|u . hi| per 16-bit lane <= 16 x 15 x 128 and u . lo summed in two halves <= 8 x 15 x 255: no
-   overflow). The group of 8 rows occupies exactly their 8 rows' bytes, so a slice of rows 8g .. 8h is
-   still a slice of the tensor. */
+   fold, and the scales are one load (with AVX-512 VNNI, vpdpbusd makes the byte products and adds them
+   into int32 in one instruction). The group of 8 rows occupies exactly their 8 rows' bytes, so a slice
+   of rows 8g .. 8h is still a slice of the tensor. */
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -71,7 +73,7 @@
 #define MT 4  /* rows of x per pass */
 #define G 8   /* rows per group of the interleaved layouts */
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, X8 = 0x100 };
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, X8 = 0x100, A16 = 0x200 };
 
 static inline int block_bytes(int type) {
     return type == Q8_0 ? 34 : type == Q4_1 || type == (Q4_1 | X8) ? 20 : type == Q4_0 || type == (Q4_0 | X8) ? 18 : 0;
@@ -104,7 +106,8 @@ static inline uint16_t load16(const uint8_t *p) {
 
 /* --- prepared activations --------------------------------------------------------------------------- */
 
-#define QMAX 32767.0f
+#define QMAX16 32767.0f /* the activations of Q8_0 weights */
+#define QMAX8 127.0f    /* those of the 4-bit types */
 
 typedef struct {
     int16_t *q;
@@ -126,8 +129,8 @@ size_t corral_q_act_bytes(int type, int64_t M, int64_t K) {
     return (blocks * (QK * sizeof(int16_t) + 2 * sizeof(float)) + 63) & ~(size_t)63;
 }
 
-/* 32 floats -> 32 int16 q = round(x / d), d = max|x| / 32767 (rounding to nearest even), and d * sum(q). */
-static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_out) {
+/* 32 floats -> 32 int16 q = round(x / d), d = max|x| / qmax (rounding to nearest even), and d * sum(q). */
+static void quantize_block(const float *x, const float qmax, int16_t *q, float *d_out, float *s_out) {
 #ifdef __AVX2__
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v[4], amax = _mm256_setzero_ps();
@@ -138,7 +141,7 @@ static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_ou
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float d = _mm_cvtss_f32(m) / QMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float d = _mm_cvtss_f32(m) / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
     __m256i n[4];
     __m256 total = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
@@ -160,7 +163,7 @@ static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_ou
 #else
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-    const float d = amax / QMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float d = amax / qmax, id = d != 0.0f ? 1.0f / d : 0.0f;
     int32_t sum = 0;
     for (int j = 0; j < QK; j++) {
         q[j] = (int16_t)nearbyintf(x[j] * id);
@@ -171,25 +174,23 @@ static void quantize_block(const float *x, int16_t *q, float *d_out, float *s_ou
 #endif
 }
 
-/* q (int16) -> its high bytes (int8) then its low bytes, in place: the interleaved kernels' operands. */
-static void split_block(int16_t *q) {
+/* q (int16, |q| <= 127) -> int8, in place: the interleaved kernels' operands. */
+static void narrow_block(int16_t *q) {
     int16_t v[QK];
     memcpy(v, q, sizeof v);
-    uint8_t *hi = (uint8_t *)q, *lo = hi + QK;
-    for (int j = 0; j < QK; j++) {
-        hi[j] = (uint8_t)(v[j] >> 8);
-        lo[j] = (uint8_t)(v[j] & 0xFF);
-    }
+    int8_t *q8 = (int8_t *)q;
+    for (int j = 0; j < QK; j++) q8[j] = (int8_t)v[j];
 }
 
 void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K) {
     const int64_t nb = K / QK;
+    const float qmax = (type & ~X8) == Q8_0 || (type & A16) ? QMAX16 : QMAX8;
     acts a = act_view(act, M, K);
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) {
             const int64_t j = b * M + m;
-            quantize_block(x + m * K + b * QK, a.q + j * QK, a.d + j, a.s + j);
-            if (type & X8) split_block(a.q + j * QK);
+            quantize_block(x + m * K + b * QK, qmax, a.q + j * QK, a.d + j, a.s + j);
+            if (type & X8) narrow_block(a.q + j * QK);
         }
 }
 
@@ -242,9 +243,9 @@ static void rows_scalar_x8(int type, const void *act, const uint8_t *w, float *y
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *blk = w + (n / G) * nb * group + b * group;
-                const uint8_t *q = (const uint8_t *)(a.q + (b * M + m) * QK); /* hi[32], then lo[32] */
+                const int8_t *q = (const int8_t *)(a.q + (b * M + m) * QK);
                 int32_t dot = 0;
-                for (int e = 0; e < QK; e++) dot += x8_nibble(blk + header, i, e) * ((int8_t)q[e] * 256 + q[QK + e]);
+                for (int e = 0; e < QK; e++) dot += x8_nibble(blk + header, i, e) * q[e];
                 const float dw = half_to_float(load16(blk + 2 * i)), dx = a.d[b * M + m], s = a.s[b * M + m];
                 const float mw = header == 4 * G ? half_to_float(load16(blk + 2 * G + 2 * i)) : -8.0f * dw;
                 sum += dw * dx * (float)dot + mw * s;
@@ -267,6 +268,14 @@ static ALWAYS_INLINE __m256i dot_avx2(const __m256i w[2], __m256i x0, __m256i x1
 
 VNNI_TARGET static inline __m256i dot_vnni(const __m256i w[2], __m256i x0, __m256i x1) {
     return _mm256_dpwssd_epi32(_mm256_madd_epi16(w[0], x0), w[1], x1);
+}
+
+/* 4 elements of x (int8) broadcast against 4 nibbles of each of the 8 rows, for the low and the high nibbles,
+   summed into each row's int32 lane. */
+VNNI_TARGET static inline __m256i dpbusd_x8(__m256i acc, __m256i lo, __m256i hi, const int8_t *x) {
+    int32_t x0, x1;
+    memcpy(&x0, x, 4), memcpy(&x1, x + QK / 2, 4);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
 }
 
 /* A block's 32 weights (as integers: Q8_0's q, the 4-bit types' unsigned nibbles) -> 2 x 16 int16. */
@@ -368,11 +377,14 @@ static ALWAYS_INLINE void rows_simd(const int type, const int vnni, const void *
     }
 }
 
-/* Interleaved groups g0 .. g1 - 1 for rows m0 .. m0 + mt - 1 of x: output rows 8g .. 8g + 7 in the lanes. */
-static ALWAYS_INLINE void tile_x8(const int type, const int mt, acts a, const uint8_t *w, int64_t nb, int64_t M,
-                                  int64_t m0, float *y, int64_t N, int64_t g) {
+/* Interleaved group g (output rows 8g .. 8g + 7, one per lane) for rows m0 .. m0 + mt - 1 of x. Per block,
+   4 elements of every row against 4 values of x broadcast, 8 times: vpmaddubsw (nibble x int8 -> int16
+   pairs, |sum of 8| <= 8 x 2 x 15 x 127 < 2^15) and one vpmaddwd, or with VNNI vpdpbusd straight into
+   int32; the same integers either way. */
+static ALWAYS_INLINE void tile_x8(const int type, const int vnni, const int mt, acts a, const uint8_t *w, int64_t nb,
+                                  int64_t M, int64_t m0, float *y, int64_t N, int64_t g) {
     const int q41 = type == (Q4_1 | X8), header = x8_header(type), bytes = G * block_bytes(type);
-    const __m256i m4 = _mm256_set1_epi8(0x0F), k256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const uint8_t *p = w + g * nb * bytes;
     __m256 acc[MT];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
@@ -389,19 +401,21 @@ static ALWAYS_INLINE void tile_x8(const int type, const int mt, acts a, const ui
                               : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         for (int i = 0; i < mt; i++) {
             const int64_t jx = b * M + m0 + i;
-            const uint8_t *xh = (const uint8_t *)(a.q + jx * QK), *xl = xh + QK;
-            __m256i sh = _mm256_setzero_si256(), sl0 = sh, sl1 = sh;
-            for (int j = 0; j < 4; j++) {
-                int32_t h0, h1, l0, l1; /* 4 values of x: elements 4j.. (low nibbles) and 16 + 4j.. (high) */
-                memcpy(&h0, xh + 4 * j, 4), memcpy(&h1, xh + QK / 2 + 4 * j, 4);
-                memcpy(&l0, xl + 4 * j, 4), memcpy(&l1, xl + QK / 2 + 4 * j, 4);
-                sh = _mm256_add_epi16(sh, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(h0)),
-                                                           _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(h1))));
-                sl0 = _mm256_add_epi16(sl0, _mm256_maddubs_epi16(_mm256_set1_epi32(l0), lo[j]));
-                sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(_mm256_set1_epi32(l1), hi[j]));
+            const int8_t *xq = (const int8_t *)(a.q + jx * QK);
+            __m256i dot;
+            if (vnni) {
+                dot = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) dot = dpbusd_x8(dot, lo[j], hi[j], xq + 4 * j);
+            } else {
+                __m256i s = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    int32_t x0, x1; /* 4 values of x: elements 4j.. (low nibbles) and 16 + 4j.. (high) */
+                    memcpy(&x0, xq + 4 * j, 4), memcpy(&x1, xq + QK / 2 + 4 * j, 4);
+                    s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], _mm256_set1_epi32(x0)),
+                                                             _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(x1))));
+                }
+                dot = _mm256_madd_epi16(s, ones);
             }
-            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(sh, k256),
-                                                 _mm256_add_epi32(_mm256_madd_epi16(sl0, ones), _mm256_madd_epi16(sl1, ones)));
             const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(a.d + jx));
             acc[i] = _mm256_fmadd_ps(dw, t, _mm256_fmadd_ps(mw, _mm256_broadcast_ss(a.s + jx), acc[i]));
         }
@@ -409,17 +423,17 @@ static ALWAYS_INLINE void tile_x8(const int type, const int mt, acts a, const ui
     for (int i = 0; i < mt; i++) _mm256_storeu_ps(y + (m0 + i) * N + G * g, acc[i]);
 }
 
-static ALWAYS_INLINE void rows_simd_x8(const int type, const void *act, const uint8_t *w, float *y, int64_t M,
-                                       int64_t N, int64_t K, int64_t n0, int64_t n1) {
+static ALWAYS_INLINE void rows_simd_x8(const int type, const int vnni, const void *act, const uint8_t *w, float *y,
+                                       int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     const int64_t nb = K / QK;
     const acts a = act_view(act, M, K);
     for (int64_t g = n0 / G; g < n1 / G; g++) {
         int64_t m = 0;
-        for (; m + MT <= M; m += MT) tile_x8(type, MT, a, w, nb, M, m, y, N, g);
+        for (; m + MT <= M; m += MT) tile_x8(type, vnni, MT, a, w, nb, M, m, y, N, g);
         switch (M - m) {
-        case 3: tile_x8(type, 3, a, w, nb, M, m, y, N, g); break;
-        case 2: tile_x8(type, 2, a, w, nb, M, m, y, N, g); break;
-        case 1: tile_x8(type, 1, a, w, nb, M, m, y, N, g); break;
+        case 3: tile_x8(type, vnni, 3, a, w, nb, M, m, y, N, g); break;
+        case 2: tile_x8(type, vnni, 2, a, w, nb, M, m, y, N, g); break;
+        case 1: tile_x8(type, vnni, 1, a, w, nb, M, m, y, N, g); break;
         }
     }
 }
@@ -429,8 +443,8 @@ static void rows_avx2(int type, const void *act, const uint8_t *w, float *y, int
     if (type == Q4_0) rows_simd(Q4_0, 0, act, w, y, M, N, K, n0, n1);
     else if (type == Q4_1) rows_simd(Q4_1, 0, act, w, y, M, N, K, n0, n1);
     else if (type == Q8_0) rows_simd(Q8_0, 0, act, w, y, M, N, K, n0, n1);
-    else if (type == (Q4_0 | X8)) rows_simd_x8(Q4_0 | X8, act, w, y, M, N, K, n0, n1);
-    else if (type == (Q4_1 | X8)) rows_simd_x8(Q4_1 | X8, act, w, y, M, N, K, n0, n1);
+    else if (type == (Q4_0 | X8)) rows_simd_x8(Q4_0 | X8, 0, act, w, y, M, N, K, n0, n1);
+    else if (type == (Q4_1 | X8)) rows_simd_x8(Q4_1 | X8, 0, act, w, y, M, N, K, n0, n1);
 }
 
 VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
@@ -438,7 +452,8 @@ VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, f
     if (type == Q4_0) rows_simd(Q4_0, 1, act, w, y, M, N, K, n0, n1);
     else if (type == Q4_1) rows_simd(Q4_1, 1, act, w, y, M, N, K, n0, n1);
     else if (type == Q8_0) rows_simd(Q8_0, 1, act, w, y, M, N, K, n0, n1);
-    else rows_avx2(type, act, w, y, M, N, K, n0, n1); /* the interleaved types: the AVX2 code */
+    else if (type == (Q4_0 | X8)) rows_simd_x8(Q4_0 | X8, 1, act, w, y, M, N, K, n0, n1);
+    else if (type == (Q4_1 | X8)) rows_simd_x8(Q4_1 | X8, 1, act, w, y, M, N, K, n0, n1);
 }
 #endif
 
@@ -458,6 +473,10 @@ static int isa(void) {
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
             best = ISA_VNNI;
 #endif
+        /* CORRAL_CPU_ISA=avx2|scalar caps the choice (to compare the paths on one CPU; tests) */
+        const char *cap = getenv("CORRAL_CPU_ISA");
+        for (int i = 0; cap && i < best; i++)
+            if (!strcmp(cap, ISA_NAMES[i])) best = i;
         chosen = best;
     }
     return chosen;
@@ -469,6 +488,8 @@ int corral_q_row_align(int type) { return type & X8 ? G : R; }
 
 void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                           int64_t n0, int64_t n1) {
+    if ((type & A16) && (type & X8)) abort(); /* 16-bit activations take the GGUF layout's code */
+    type &= ~A16; /* prepared as 16 bits: the same integer code does the rest */
     if (block_bytes(type) == 0 || n0 >= n1) return;
     if ((type & X8) && (N % G || n0 % G || n1 % G)) abort(); /* whole groups only (the callers ensure it) */
 #ifdef __AVX2__
