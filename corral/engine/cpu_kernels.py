@@ -121,6 +121,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.corral_int8_matvec.restype = None
     lib.corral_int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.corral_int8_isa.restype = ctypes.c_char_p
     if (lib.corral_int8_rows(), lib.corral_int8_chunk()) != (ROWS, CHUNK):
         log.warning("corral CPU kernels: %s does not match this Python module; using torch's kernels", target)
         return None
@@ -143,6 +144,12 @@ def _library() -> ctypes.CDLL | None:
                     _lib = None
                 _tried = True
     return _lib
+
+
+def int8_isa() -> str | None:
+    """The int8 kernel's code path on this CPU ("avx512" or "avx2"), None without the kernels."""
+    lib = _library()
+    return lib.corral_int8_isa().decode() if lib is not None else None
 
 
 def available() -> bool:

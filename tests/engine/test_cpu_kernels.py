@@ -35,6 +35,38 @@ def test_kernel_builds_on_this_machine():
     assert cpu_kernels.available() == expected
 
 
+def test_int8_path_is_the_best_this_cpu_has():
+    """No silent fallback: AVX-512 where the CPU has it (Linux's flag avx512f), AVX2 otherwise."""
+    if not cpu_kernels.available():
+        assert cpu_kernels.int8_isa() is None
+        return
+    assert cpu_kernels.int8_isa() == ("avx512" if "avx512f" in cpu_kernels.cpu_flags() else "avx2")
+
+
+def test_int8_avx2_path_on_an_avx512_cpu(tmp_path, monkeypatch):
+    """CORRAL_CPU_ISA=avx2 caps the choice: a copy of the library (the choice is made once per process)
+    runs the AVX2 code against float64, whatever the CPU, so both paths are tested where AVX-512 exists."""
+    import ctypes
+    import subprocess
+
+    if not cpu_kernels.available():
+        pytest.fail("the int8 kernels did not build on this machine")
+    out = tmp_path / "avx2.so"
+    subprocess.run([cpu_kernels._compiler(), *cpu_kernels.FLAGS, "-o", str(out),
+                    *map(str, sorted(cpu_kernels.SOURCES.glob("*.c")))], check=True)
+    monkeypatch.setenv("CORRAL_CPU_ISA", "avx2")
+    lib = ctypes.CDLL(str(out))
+    lib.corral_int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.corral_int8_isa.restype = ctypes.c_char_p
+    assert lib.corral_int8_isa() == b"avx2"
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (64, 576), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(64, generator=gen) / 100, torch.randn(3, 576, generator=gen)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    got = cpu_kernels._matvec(lib, x, cpu_kernels.pack(q), scales)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 4, 16), (1, 64, 96), (3, 20, 48), (8, 128, 576), (17, 36, 64), (32, 128, 576)])
 def test_matvec_matches_float64(m, n, k):
     if not cpu_kernels.available():
