@@ -34,6 +34,18 @@ def llama3_tokenizer_model() -> Path:
     return path
 
 
+@pytest.fixture
+def smollm2_llm_16bit(smollm2_gguf, monkeypatch):
+    """The real SmolLM2 with 16-bit activations in its 4-bit layers (CORRAL_Q4_ACTIVATION_BITS=16), for the
+    tests that compare paths which switch between the decode kernel and the dequantized prefill product
+    by batch size: with the default 8 bits, that switch alone can flip a near-tie token (as in llama.cpp)."""
+    from corral.api import LLM
+    from corral.engine import qblock
+
+    monkeypatch.setattr(qblock, "Q4_ACTIVATION_BITS", 16)
+    return LLM.load(smollm2_gguf)
+
+
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
     """The real SmolLM2 loaded once through the Python API (`corral.api.LLM`), shared by the tests that use it."""

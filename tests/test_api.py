@@ -39,9 +39,9 @@ def test_chat_greedy_is_deterministic_and_matches_generate(smollm2_llm):
     assert a.decode_tokens_per_s > 0 and a.prefill_tokens_per_s > 0 and a.time_to_first_token_s > 0
 
 
-def test_cached_generation_matches_uncached_forward_on_real_model(smollm2_llm):
+def test_cached_generation_matches_uncached_forward_on_real_model(smollm2_llm_16bit):
     """Greedy ids from the KV-cache engine equal argmax of full uncached forwards on the real weights."""
-    llm = smollm2_llm
+    llm = smollm2_llm_16bit
     ids = llm.encode("The three primary colors are")
     out = llm.generate(ids, temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
     model = llm.model
@@ -165,8 +165,10 @@ def test_bad_inputs_give_clear_errors(smollm2_llm, tmp_path):
         LLM.load(tmp_path / "missing.gguf")
 
 
-def test_generate_many_runs_together_and_equals_one_by_one(smollm2_llm):
-    """8 prompts batched by the engine give the greedy tokens each gives alone (the real model)."""
+def test_generate_many_runs_together_and_equals_one_by_one(smollm2_llm_16bit):
+    """8 prompts batched by the engine give the greedy tokens each gives alone (the real model; 16-bit
+    activations, see the fixture)."""
+    smollm2_llm = smollm2_llm_16bit
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
                "The best way to learn", "Water boils at", "My favourite colour is", "In 1492,"]
     params = dict(temperature=0, max_tokens=10, ignore_eos=True)

@@ -158,7 +158,9 @@ def test_completions_logprobs_and_echo(client):
     assert echoed.token_logprobs[0] is None and echoed.top_logprobs[0] is None
     n = len(gen.logprobs.tokens)
     assert echoed.tokens[-1 - n:-1] == gen.logprobs.tokens
-    assert echoed.token_logprobs[-1 - n:-1] == pytest.approx(gen.logprobs.token_logprobs, abs=1e-3)
+    # to 0.05: the echo is a prefill (the dequantized product), the decode went through the 4-bit kernel,
+    # whose 8-bit activations (as llama.cpp's) move a log-probability by up to ~0.02 (1e-3 with 16 bits)
+    assert echoed.token_logprobs[-1 - n:-1] == pytest.approx(gen.logprobs.token_logprobs, abs=0.05)
     assert echoed.text_offset[1] == len(echoed.tokens[0])
 
     streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, stream=True)
