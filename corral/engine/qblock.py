@@ -14,9 +14,9 @@ fp32 copy.
 and its `qtype` (a `QType`, whose int value is GGML's type number). Its forward, for inputs of up to
 MATVEC_MAX_ROWS rows (decode), is kernels/qblock.c: the activations are quantized per block of 32 and
 multiplied in integers, 16-bit ones for Q8_0 (results differ from the float product by ~2e-5
-relative, SmolLM2's logits by ~0.005) and 8-bit ones for the 4-bit types, as llama.cpp (~1e-2 relative,
-small beside the 4-bit weights' own error: bench/activation_quality.py); larger inputs (prefill) dequantize a chunk of output rows at a
-time and use torch's matmul. Without the compiled kernels (no compiler, no AVX2, CORRAL_CPU_KERNELS=0)
+relative, SmolLM2's logits by ~0.005) and 8-bit ones for the 4-bit types, as llama.cpp (~1e-2
+relative, small beside the 4-bit weights' own error: bench/activation_quality.py); larger inputs
+(prefill) dequantize a chunk of output rows at a time and use torch's matmul. Without the compiled kernels (no compiler, no AVX2, CORRAL_CPU_KERNELS=0)
 everything runs through the dequantizing path: same layouts, slower.
 `BlockEmbedding` looks rows up in the same blocks (dequantizing only the rows asked for), so a tied
 embedding and head hold the table once.
@@ -332,7 +332,8 @@ def _matvec(lib, x: Tensor, blocks: Tensor, kind: int, n: int) -> Tensor:
 
 def matvec(x: Tensor, blocks: Tensor, qtype: str | int, interleaved: bool = False) -> Tensor:
     """x (M, K) fp32 (small M) -> (M, N) fp32 ~= x @ dequantize(blocks).T, through the kernel (x is
-    quantized per block of 32 on the way: to 16 bits for Q8_0, 8 bits for the 4-bit types). interleaved: blocks are interleave()'s."""
+    quantized per block of 32 on the way: to 16 bits for Q8_0, 8 bits for the 4-bit types).
+    interleaved: blocks are interleave()'s."""
     qtype = QType.of(qtype)
     lib = _kernel()
     if lib is None:

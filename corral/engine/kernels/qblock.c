@@ -21,9 +21,8 @@
    0.307 -> 0.306). The 4-bit nibbles are used unsigned and the offset comes in through the activation
    block's sum:
        sum_j (u_j d + m) dx q_j = d dx dot(u, q) + m (dx sum_j q_j)
-   A 4-bit type | A16 (in GGUF's layout) keeps 16-bit activations, for results within ~2e-5 of the float
-   product (CORRAL_Q4_ACTIVATION_BITS=16 in qblock.py).
-   so Q4_0 is Q4_1 with m = -8 d.
+   so Q4_0 is Q4_1 with m = -8 d. A 4-bit type | A16 (in GGUF's layout) keeps 16-bit activations, for
+   results within ~2e-5 of the float product (CORRAL_Q4_ACTIVATION_BITS=16 in qblock.py).
 
    Four output rows go together: their four 8-lane integer sums fold with two hadds into one vector
    [r0 r1 r2 r3 | r0 r1 r2 r3] (each half a part of each row's sum), which is converted, scaled and
