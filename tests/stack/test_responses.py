@@ -186,7 +186,10 @@ def test_a_client_that_disconnects_stops_the_response(client, inline_server):
         return len(r.json()["data"])
 
     n_stored = stored()
-    long = {"model": MODEL, "input": "Count from 1 to 500.", "max_output_tokens": 400, "temperature": 0}
+    # prompts whose greedy answers run the full 400 tokens (~2.5 s here): a short answer (a count that stops at
+    # 20) could finish, and be stored, before the server's next look at the connection
+    long = {"model": MODEL, "input": "Write a long story about a dragon who learns to fly.", "max_output_tokens": 400,
+            "temperature": 0}
     stream = client.responses.create(stream=True, **long)
     for ev in stream:
         if ev.type == "response.output_text.delta":
@@ -194,9 +197,10 @@ def test_a_client_that_disconnects_stops_the_response(client, inline_server):
     stream.close()
     settled()
     with pytest.raises(httpx.TimeoutException):  # not streamed: the client gives up while it generates
-        # 0.5 s: the native decode step writes 400 tokens in ~4 s on these 2 cores, so a 3 s wait could see
+        # 0.5 s: the native decode step writes 400 tokens in ~2.5 s on these 2 cores, so a 3 s wait could see
         # the whole answer
-        httpx.post(inline_server.base_url + "/responses", json=long | {"input": "Count from 1 to 2000."}, timeout=0.5,
+        httpx.post(inline_server.base_url + "/responses", timeout=0.5,
+                   json=long | {"input": "Write a long story about a knight who is afraid of the dark."},
                    headers={"Authorization": f"Bearer {API_KEY}"})
     settled()
     assert stored() == n_stored  # nothing half-made was stored
