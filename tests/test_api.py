@@ -165,10 +165,9 @@ def test_bad_inputs_give_clear_errors(smollm2_llm, tmp_path):
         LLM.load(tmp_path / "missing.gguf")
 
 
-def test_generate_many_runs_together_and_equals_one_by_one(smollm2_llm_16bit):
-    """8 prompts batched by the engine give the greedy tokens each gives alone (the real model; 16-bit
-    activations, see the fixture)."""
-    smollm2_llm = smollm2_llm_16bit
+def test_generate_many_runs_together_and_equals_one_by_one(smollm2_llm):
+    """8 prompts batched by the engine give the greedy tokens each gives alone (the real model, with the default
+    8-bit activations: its 4-bit layers take the same kernel, one row at a time, whatever the batch)."""
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
                "The best way to learn", "Water boils at", "My favourite colour is", "In 1492,"]
     params = dict(temperature=0, max_tokens=10, ignore_eos=True)

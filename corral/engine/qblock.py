@@ -16,8 +16,9 @@ MATVEC_MAX_ROWS rows (decode), is kernels/qblock.c: the activations are quantize
 multiplied in integers, 16-bit ones for Q8_0 (results differ from the float product by ~2e-5
 relative, SmolLM2's logits by ~0.005) and 8-bit ones for the 4-bit types, as llama.cpp (~1e-2
 relative, small beside the 4-bit weights' own error: bench/activation_quality.py); larger inputs
-(prefill) dequantize a chunk of output rows at a time and use torch's matmul. Without the compiled kernels (no compiler, no AVX2, CORRAL_CPU_KERNELS=0)
-everything runs through the dequantizing path: same layouts, slower.
+(prefill) dequantize a chunk of output rows at a time and use torch's matmul. Without the compiled
+kernels (no compiler, no AVX2, CORRAL_CPU_KERNELS=0) everything runs through the dequantizing path:
+same layouts, slower.
 `BlockEmbedding` looks rows up in the same blocks (dequantizing only the rows asked for), so a tied
 embedding and head hold the table once.
 
@@ -25,7 +26,10 @@ For inference the 4-bit layers are repacked in place into kernels/qblock.c's int
 blocks side by side; `interleave_model`, which the native decode step calls): the same bytes in another
 order, which the kernel multiplies 1.2-1.75x faster at one row (docs/benchmarks.md). Such a module says
 so (`interleaved`), still gives GGUF's bytes through `blocks` and its state dict, and computes the same
-integer products. CORRAL_Q4_ACTIVATION_BITS=16 keeps the 4-bit layers in GGUF's layout with 16-bit
+integer products. It takes the kernel for prompts too, whatever their length: its byte products
+(vpdpbusd / vpmaddubsw) run 1.3-2.2x the dequantized fp32 matmul at 512 rows on 2 cores, and a row's
+result no longer depends on how many rows share its forward (a prompt prefilled alone or beside
+others, a chunk of 512 or a decode step: one arithmetic, so greedy tokens do not depend on the batch). CORRAL_Q4_ACTIVATION_BITS=16 keeps the 4-bit layers in GGUF's layout with 16-bit
 activations instead (the float product to ~2e-5, where 8 bits move SmolLM2's logits by up to ~0.8).
 
     quantize(w, qtype) / dequantize(blocks, qtype)     float (N, K) <-> uint8 blocks (N, K / 32 * bytes)
@@ -373,8 +377,10 @@ class _Blocks(nn.Module):
 class BlockLinear(_Blocks):
     """A Linear whose weight is GGUF blocks: `weight` (= `blocks`) uint8 (out, in / 32 * block bytes), `qtype`.
 
-    Inputs of up to MATVEC_MAX_ROWS rows on the CPU go through the block kernel; larger ones (prefill)
-    dequantize CHUNK_ELEMENTS weights at a time into torch's matmul. Activations of any float dtype;
+    Inputs of up to MATVEC_MAX_ROWS rows on the CPU go through the block kernel, and inputs of any size once
+    interleaved; larger ones otherwise (prefill in GGUF's layout: Q8_0, or 16-bit activations, where the
+    kernel is no faster than the float matmul) dequantize CHUNK_ELEMENTS weights at a time into torch's
+    matmul. Activations of any float dtype;
     the kernel computes in fp32. After interleave_() `weight` holds the interleaved layout; `blocks` and
     the state dict still give GGUF's."""
 
@@ -414,7 +420,8 @@ class BlockLinear(_Blocks):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        lib = _kernel() if x.device.type == "cpu" and rows <= MATVEC_MAX_ROWS else None
+        # interleaved: every row through the kernel (faster than the float matmul at any size, and one arithmetic)
+        lib = _kernel() if x.device.type == "cpu" and (rows <= MATVEC_MAX_ROWS or self.interleaved) else None
         if lib is not None:
             out = _matvec(lib, x.reshape(rows, self.in_features).float(), self.weight, self.kernel_type,
                           self.out_features)

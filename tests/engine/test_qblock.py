@@ -374,9 +374,10 @@ def test_the_scalar_path_for_other_cpus(tmp_path):
 
 @pytest.mark.parametrize("qtype", FOUR_BIT, ids=str)
 def test_block_linear_interleaved(qtype):
-    """interleave_() repacks in place: decode and prefill outputs stay those of the GGUF layout (prefill
-    bit for bit), `blocks` and the state dict still give GGUF's bytes, and loading a state dict puts the
-    module back in GGUF's layout."""
+    """interleave_() repacks in place: decode outputs stay those of the GGUF layout, prefill-sized inputs
+    go through the kernel too (each row the product of its own 8-bit activations, bit for bit what the
+    row gives alone), `blocks` and the state dict still give GGUF's bytes, and loading a state dict puts
+    the module back in GGUF's layout."""
     torch.manual_seed(4)
     lin = BlockLinear(128, 48, qtype, bias=True)
     lin.weight, lin.bias = qblock.quantize(torch.randn(48, 128) * 0.05, qtype), torch.nn.Parameter(torch.randn(48))
@@ -388,9 +389,15 @@ def test_block_linear_interleaved(qtype):
     assert lin.interleave_() and lin.interleaved and lin.kernel_type == int(qtype) | qblock.X8
     assert lin.weight.data_ptr() == storage and not torch.equal(lin.weight, gguf_bytes)  # in place
     assert torch.equal(lin.blocks, gguf_bytes) and torch.equal(lin.state_dict()["weight"], gguf_bytes)
+    lib = qblock._kernel()
     with torch.inference_mode():
-        assert torch.equal(lin(prefill), before_prefill)
+        got = lin(prefill)
         assert torch.allclose(lin(decode), before_decode, atol=1e-5 * before_decode.abs().max().item())
+        for i in (0, 17, 39):  # 40 rows, past MATVEC_MAX_ROWS: the same arithmetic as each row alone
+            assert torch.equal(lin(prefill[i:i + 1])[0], got[i])
+    want = quantized_x(lib, qtype, prefill) @ qblock.dequantize(gguf_bytes, qtype).double().T
+    assert torch.allclose(got.double(), want + lin.bias.double(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.allclose(got, before_prefill, atol=0.05 * before_prefill.abs().max().item())  # ~ the float product
     assert torch.equal(lin.dequantized(), qblock.dequantize(gguf_bytes, qtype))
     lin.load_state_dict({"weight": gguf_bytes, "bias": lin.bias.detach()})
     assert not lin.interleaved and torch.equal(lin.weight, gguf_bytes)
@@ -444,21 +451,25 @@ def test_quantize_model_blocks(qtype):
         assert torch.allclose(model(toks), ref(toks), atol=1e-4)
 
 
-def test_interleave_model_with_a_tied_head():
-    """interleave_model repacks the 4-bit layers and the tied embedding follows its head: the logits of a
-    prefill are unchanged bit for bit, a decode-sized input within the kernel's rounding, and the state
-    dict still holds GGUF's bytes."""
+@needs_cpu_kernels
+def test_interleave_model_with_a_tied_head(monkeypatch):
+    """interleave_model repacks the 4-bit layers and the tied embedding follows its head: a prefill's and a
+    decode-sized input's logits stay those of the GGUF layout's kernel (the same integer products), and the
+    state dict still holds GGUF's bytes."""
     model = tiny_transformer()
     qblock.quantize_model_blocks(model, "q4_0")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     toks = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        want, want_one = model(toks), model(toks[:, :1])
+        with monkeypatch.context() as m:  # the GGUF layout's kernel for the 40 rows too, as interleaved layers take
+            m.setattr(qblock, "MATVEC_MAX_ROWS", 1 << 30)
+            want = model(toks)
+        want_one = model(toks[:, :1])
     assert qblock.interleave_model(model) == 1 + 2 * 7 and qblock.interleave_model(model) == 0
     assert model.tok_embeddings.interleaved and model.tok_embeddings.weight is model.output.weight
     with torch.no_grad():
-        assert torch.equal(model(toks), want)
-        # summed in another order; a last-bit difference can flip the next layer's 16-bit rounding of x
+        # summed in another order; a last-bit difference can flip the next layer's rounding of x
+        assert torch.allclose(model(toks), want, atol=3e-4 * want.abs().max().item())
         assert torch.allclose(model(toks[:, :1]), want_one, atol=3e-4 * want_one.abs().max().item())
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

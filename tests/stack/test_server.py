@@ -158,9 +158,10 @@ def test_completions_logprobs_and_echo(client):
     assert echoed.token_logprobs[0] is None and echoed.top_logprobs[0] is None
     n = len(gen.logprobs.tokens)
     assert echoed.tokens[-1 - n:-1] == gen.logprobs.tokens
-    # to 0.05: the echo is a prefill (the dequantized product), the decode went through the 4-bit kernel,
-    # whose 8-bit activations (as llama.cpp's) move a log-probability by up to ~0.02 (1e-3 with 16 bits)
-    assert echoed.token_logprobs[-1 - n:-1] == pytest.approx(gen.logprobs.token_logprobs, abs=0.05)
+    # to 0.1: the echo is one eager forward, the decode was the native step over the fp16 KV cache; their
+    # float noise (~1e-3) flips some roundings of the 4-bit layers' 8-bit activations (as in llama.cpp),
+    # which moves a log-probability by up to ~0.04 here (1e-3 with CORRAL_Q4_ACTIVATION_BITS=16)
+    assert echoed.token_logprobs[-1 - n:-1] == pytest.approx(gen.logprobs.token_logprobs, abs=0.1)
     assert echoed.text_offset[1] == len(echoed.tokens[0])
 
     streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, stream=True)

@@ -8,7 +8,8 @@
        Q4_1 (type 3)  20 bytes: fp16 d, fp16 m, uint8 qs[16]   w = nibble * d + m
    (the type numbers are GGML's).
 
-   y (M, N) = x (M, K) @ W^T for the few rows of a decode step. As in llama.cpp, each row of x is
+   y (M, N) = x (M, K) @ W^T for the few rows of a decode step (and, in the interleaved layouts below, for
+   prompts too: the byte products beat a dequantized fp32 GEMM there). As in llama.cpp, each row of x is
    quantized once per call into blocks of 32 integers with an fp32 scale (corral_q_prepare), so that a
    weight block times an activation block is an integer dot product, converted and scaled once per
    block. For Q8_0 weights the activations are int16 (madd_epi16): with int8 the rounding of the
