@@ -28,7 +28,9 @@
    Four output rows go together: their four 8-lane integer sums fold with two hadds into one vector
    [r0 r1 r2 r3 | r0 r1 r2 r3] (each half a part of each row's sum), which is converted, scaled and
    accumulated at once instead of four times. The rows of x go MT at a time through each unpacked
-   weight block, so the weights come from memory once per call whatever M. A row of y gets the same
+   weight block (MT_VNNI on the AVX-512 path, whose 32 vector registers hold twice the accumulators: a
+   decode step of 8 sequences unpacks each block once, not twice), so the weights come from memory once
+   per call whatever M. A row of y gets the same
    arithmetic in the same order whatever M, the tile it falls in and the number of threads: a
    sequence's logits do not depend on what else is in its batch.
 
@@ -71,6 +73,7 @@
 #define QK 32 /* elements per block */
 #define R 4   /* output rows per pass */
 #define MT 4  /* rows of x per pass */
+#define MT_VNNI 8 /* rows of x per pass of the interleaved kernel with AVX-512 (32 vector registers) */
 #define G 8   /* rows per group of the interleaved layouts */
 
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, X8 = 0x100, A16 = 0x200 };
@@ -313,7 +316,7 @@ static ALWAYS_INLINE void tile(const int type, const int vnni, const int mt, act
                                int64_t nb, int64_t M, int64_t m0, float *y, int64_t N, int64_t n, int nvalid) {
     const int bytes = block_bytes(type);
     const int64_t next_group = R * nb * bytes; /* from a row to the same row of the next R */
-    __m256 acc[MT];
+    __m256 acc[MT_VNNI];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p[R];
@@ -368,6 +371,8 @@ static ALWAYS_INLINE void rows_simd(const int type, const int vnni, const void *
         const uint8_t *wr[R];
         for (int r = 0; r < R; r++) wr[r] = w + (n + (r < nvalid ? r : nvalid - 1)) * row;
         int64_t m = 0;
+        if (vnni)
+            for (; m + MT_VNNI <= M; m += MT_VNNI) tile(type, vnni, MT_VNNI, a, wr, nb, M, m, y, N, n, nvalid);
         for (; m + MT <= M; m += MT) tile(type, vnni, MT, a, wr, nb, M, m, y, N, n, nvalid);
         switch (M - m) {
         case 3: tile(type, vnni, 3, a, wr, nb, M, m, y, N, n, nvalid); break;
@@ -386,7 +391,7 @@ static ALWAYS_INLINE void tile_x8(const int type, const int vnni, const int mt, 
     const int q41 = type == (Q4_1 | X8), header = x8_header(type), bytes = G * block_bytes(type);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const uint8_t *p = w + g * nb * bytes;
-    __m256 acc[MT];
+    __m256 acc[MT_VNNI];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, p += bytes) {
         for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)(p + 4 * bytes + c), _MM_HINT_T0);
@@ -429,6 +434,8 @@ static ALWAYS_INLINE void rows_simd_x8(const int type, const int vnni, const voi
     const acts a = act_view(act, M, K);
     for (int64_t g = n0 / G; g < n1 / G; g++) {
         int64_t m = 0;
+        if (vnni)
+            for (; m + MT_VNNI <= M; m += MT_VNNI) tile_x8(type, vnni, MT_VNNI, a, w, nb, M, m, y, N, g);
         for (; m + MT <= M; m += MT) tile_x8(type, vnni, MT, a, w, nb, M, m, y, N, g);
         switch (M - m) {
         case 3: tile_x8(type, vnni, 3, a, w, nb, M, m, y, N, g); break;
