@@ -10,7 +10,8 @@ the engine's KV pool, so nothing is copied: this file only hands it pointers. It
 models whose linear layers are fp32 `nn.Linear`, packed `Int8Linear`, or GGUF-block `BlockLinear`
 (qblock.py; the 4-bit ones are repacked in place into the interleaved layout on the way), with an fp32 or fp16 KV cache; anything else (vision, bf16 weights, a model on a GPU) returns None
 from `build` and the engine runs the eager model. Prompts (many tokens per sequence) always run eagerly:
-they are large matrix products, which torch does well.
+they are large matrix products, where dispatch costs little (the interleaved 4-bit layers still multiply
+them in the block kernel, BlockLinear's forward).
 
 The eager model stays the reference: tests/engine/test_native.py compares the two on every weight type.
 CORRAL_NATIVE_DECODE=0 turns this path off.
