@@ -67,6 +67,21 @@ def test_int8_avx2_path_on_an_avx512_cpu(tmp_path, monkeypatch):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_int8_rows_do_not_depend_on_the_batch():
+    """Rows of x go 4, 2 or 1 at a time through a widened block (AVX-512) or 2 and 1 (AVX2): each row's sums
+    are the same chain whichever, so a sequence's output is bit-identical alone and in any batch."""
+    if not cpu_kernels.available():
+        pytest.fail("the int8 kernels did not build on this machine")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(-127, 128, (64, 576), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(64, generator=gen) / 100, torch.randn(17, 576, generator=gen)
+    packed = cpu_kernels.pack(q)
+    batch = cpu_kernels.matvec(x, packed, scales)
+    for m in (1, 2, 3, 4, 5, 7, 9):
+        for i in (0, 17 - m):
+            assert torch.equal(cpu_kernels.matvec(x[i:i + m], packed, scales), batch[i:i + m]), (m, i)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 4, 16), (1, 64, 96), (3, 20, 48), (8, 128, 576), (17, 36, 64), (32, 128, 576)])
 def test_matvec_matches_float64(m, n, k):
     if not cpu_kernels.available():
