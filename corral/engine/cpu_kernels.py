@@ -5,8 +5,10 @@ gives about 24; decode is that stream, so a kernel that reads a packed layout se
 (kernels/int8.c, about 23-25 GB/s there) is most of a decode step's speed. The C files in kernels/ ship
 with the package and are compiled on first use, together, into one library with the system C compiler,
 into $CORRAL_HOME/kernels (a few seconds; cached by a hash of the sources and flags). They share one
-thread pool (kernels/pool.c). Without a compiler, without AVX2/FMA, or with
-CORRAL_CPU_KERNELS=0, `available()` is False and callers use torch's kernels: same results, slower.
+thread pool (kernels/pool.c). On x86 they need AVX2/FMA (AVX-512 paths are chosen at run time); on ARM
+(aarch64) the int8 and block kernels run in NEON (the dot-product instructions where the CPU has them)
+and the native decode step (kernels/decode.c) is not built yet. Without a compiler, on another CPU, or
+with CORRAL_CPU_KERNELS=0, `available()` is False and callers use torch's kernels: same results, slower.
 
     pack(q)                      int8 (N, K) -> the kernel's layout, (N // ROWS, K // CHUNK, ROWS, CHUNK)
     unpack(packed)               and back
@@ -20,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -35,7 +38,17 @@ from corral.paths import corral_home
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("kernels")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC"]
+ARM = ("aarch64", "arm64")  # platform.machine() of a 64-bit ARM CPU (Linux, macOS)
+
+
+def flags_for(machine: str) -> list[str]:
+    """The compiler flags of the library for a CPU architecture (platform.machine()); NEON is part of every
+    64-bit ARM CPU, and its dot-product code is compiled per function and chosen at run time."""
+    base = ["-O3", "-pthread", "-shared", "-fPIC"]
+    return base if machine.lower() in ARM else ["-O3", "-mavx2", "-mfma", "-mf16c", *base[1:]]
+
+
+FLAGS = flags_for(platform.machine())
 ROWS, CHUNK = 4, 16  # must match kernels/int8.c (checked when the library loads)
 
 _lock = threading.Lock()
@@ -80,9 +93,15 @@ def _cpu_has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 
 
+def _cpu_supported() -> bool:
+    """x86 with AVX2 and FMA, or 64-bit ARM."""
+    return platform.machine().lower() in ARM or _cpu_has_avx2_fma()
+
+
 def can_build() -> bool:
-    """Whether the kernels can exist here at all: x86 Linux with AVX2/FMA and a C compiler."""
-    return sys.platform.startswith("linux") and _cpu_has_avx2_fma() and _compiler() is not None
+    """Whether the kernels can exist here at all: Linux on x86 with AVX2/FMA or on 64-bit ARM, and a C
+    compiler."""
+    return sys.platform.startswith("linux") and _cpu_supported() and _compiler() is not None
 
 
 def _compiler() -> str | None:
@@ -95,8 +114,9 @@ def _compiler() -> str | None:
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("CORRAL_CPU_KERNELS", "1") == "0":
         return None
-    if not sys.platform.startswith("linux") or not _cpu_has_avx2_fma():
-        log.info("corral CPU kernels: not an x86 Linux CPU with AVX2 and FMA; using torch's kernels")
+    if not sys.platform.startswith("linux") or not _cpu_supported():
+        log.info("corral CPU kernels: not Linux on an x86 CPU with AVX2 and FMA or on 64-bit ARM; using torch's "
+                 "kernels")
         return None
     compiler = _compiler()
     if compiler is None:
@@ -147,7 +167,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def int8_isa() -> str | None:
-    """The int8 kernel's code path on this CPU ("avx512" or "avx2"), None without the kernels."""
+    """The int8 kernel's code path on this CPU ("avx512", "avx2" or "neon"), None without the kernels."""
     lib = _library()
     return lib.corral_int8_isa().decode() if lib is not None else None
 

@@ -31,7 +31,7 @@ def test_pack_unpack_and_row_lookup():
 
 def test_kernel_builds_on_this_machine():
     """Where the CPU has AVX2/FMA and a C compiler exists (these CI machines), the kernel must be in use."""
-    expected = cpu_kernels._cpu_has_avx2_fma() and cpu_kernels._compiler() is not None
+    expected = cpu_kernels._cpu_supported() and cpu_kernels._compiler() is not None
     assert cpu_kernels.available() == expected
 
 
@@ -100,7 +100,7 @@ def test_matvec_matches_float64(m, n, k):
 
 
 def test_library_is_cached_in_corral_home(fresh_build):
-    if not (cpu_kernels._cpu_has_avx2_fma() and cpu_kernels._compiler()):
+    if not (cpu_kernels._cpu_supported() and cpu_kernels._compiler()):
         assert not cpu_kernels.available()
         return
     assert cpu_kernels.available()
@@ -123,7 +123,7 @@ def test_disabled_by_environment(fresh_build, monkeypatch):
 
 
 def test_failed_compile_falls_back_with_a_warning(fresh_build, monkeypatch, caplog):
-    if not cpu_kernels._cpu_has_avx2_fma():  # never tries to compile: no warning to check
+    if not cpu_kernels._cpu_supported():  # never tries to compile: no warning to check
         assert not cpu_kernels.available()
         return
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails

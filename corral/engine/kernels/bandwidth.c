@@ -1,7 +1,6 @@
 /* Memory read bandwidth, measured the way a decode step reads its weights (benchmarks report the share
    of this limit that a decode step reaches: bench/bench.py). */
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,22 +8,24 @@
 
 #include "kernels.h"
 
+typedef uint64_t u64x4 __attribute__((vector_size(32))); /* 32-byte loads: AVX2 registers, NEON pairs */
+
 struct read_job {
     const uint8_t *buf;
     int64_t bytes;
-    __m256i sums[64];
+    u64x4 sums[64];
 };
 
 static void read_part(void *ctx, int part, int parts) {
     struct read_job *j = ctx;
     long long r0, r1;
     corral_split(j->bytes, 4096, part, parts, &r0, &r1);
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    u64x4 a = {0}, b = {0};
     for (long long i = r0; i < r1; i += 64) {
-        a = _mm256_xor_si256(a, _mm256_load_si256((const __m256i *)(j->buf + i)));
-        b = _mm256_xor_si256(b, _mm256_load_si256((const __m256i *)(j->buf + i + 32)));
+        a ^= *(const u64x4 *)(j->buf + i);
+        b ^= *(const u64x4 *)(j->buf + i + 32);
     }
-    j->sums[part] = _mm256_xor_si256(a, b); /* kept, so the loads are not optimised away */
+    j->sums[part] = a ^ b; /* kept, so the loads are not optimised away */
 }
 
 /* GB/s of reading `bytes` (rounded down to 4 KiB) `reps` times with `threads` threads; the best pass. */

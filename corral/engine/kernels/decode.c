@@ -12,8 +12,13 @@
                attention over each sequence's own blocks -> x += wo(att) ->
                h = rmsnorm(x) -> w1, w3 (one parallel call) -> x += w2(silu(w1 h) * w3 h)
    then logits = output(rmsnorm(x)). Matrix products and attention run on the kernels' thread pool;
-   the elementwise rest is small (B x dim) and stays on the calling thread. */
+   the elementwise rest is small (B x dim) and stays on the calling thread.
 
+   x86 only (AVX2, F16C) for now: elsewhere this file compiles to nothing, the library has no
+   corral_decode_step, and the engine decodes through the eager model (whose matrix products still run in
+   qblock.c's and int8.c's NEON code on ARM). */
+
+#ifdef __AVX2__
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -475,3 +480,5 @@ int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t
     free(h), free(q), free(k), free(v), free(att), free(g), free(u), free(act), free(scores), free(partial);
     return 0;
 }
+
+#endif /* __AVX2__ */

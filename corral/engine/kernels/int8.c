@@ -9,9 +9,16 @@
    multiplied by x with an FMA; x is read once per block for all ROWS rows. Built and loaded by
    corral/engine/cpu_kernels.py, which also packs the weights.
 
-   Threads: the kernels' shared pool (pool.c), output blocks split between the parts. */
+   Threads: the kernels' shared pool (pool.c), output blocks split between the parts. On ARM the same
+   layout runs through NEON (four 4-lane FMAs per chunk and row of x). */
 
+#if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#else
+#error "int8.c needs AVX2 (x86) or NEON (aarch64)"
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +27,55 @@
 
 #define ROWS 4
 #define CHUNK 16
+
+int corral_int8_rows(void) { return ROWS; }
+int corral_int8_chunk(void) { return CHUNK; }
+
+#ifdef __aarch64__
+/* NEON: a chunk of 16 int8 weights widened to 4 x 4 floats once for up to two rows of x. */
+static void blocks_neon(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M, int64_t N,
+                        int64_t K, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        const int8_t *block = packed + b * ROWS * K;
+        for (int64_t m = 0; m < M; m += 2) {
+            const int two = m + 1 < M;
+            const float *xa = x + m * K, *xb = two ? xa + K : xa;
+            float32x4_t a[ROWS], c[ROWS];
+            for (int r = 0; r < ROWS; r++) a[r] = c[r] = vdupq_n_f32(0.0f);
+            const int8_t *p = block;
+            for (int64_t k = 0; k < K; k += CHUNK, p += CHUNK * ROWS) {
+                float32x4_t xav[4], xbv[4];
+                for (int i = 0; i < 4; i++) xav[i] = vld1q_f32(xa + k + 4 * i), xbv[i] = vld1q_f32(xb + k + 4 * i);
+                for (int r = 0; r < ROWS; r++) {
+                    const int8x16_t q = vld1q_s8(p + CHUNK * r);
+                    const int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_high_s8(q);
+                    const float32x4_t w[4] = {vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+                                              vcvtq_f32_s32(vmovl_high_s16(lo)),
+                                              vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+                                              vcvtq_f32_s32(vmovl_high_s16(hi))};
+                    for (int i = 0; i < 4; i++) {
+                        a[r] = vfmaq_f32(a[r], w[i], xav[i]);
+                        c[r] = vfmaq_f32(c[r], w[i], xbv[i]);
+                    }
+                }
+            }
+            float *ya = y + m * N + b * ROWS;
+            for (int r = 0; r < ROWS; r++) {
+                ya[r] = vaddvq_f32(a[r]) * scales[b * ROWS + r];
+                if (two) ya[N + r] = vaddvq_f32(c[r]) * scales[b * ROWS + r];
+            }
+        }
+    }
+}
+
+const char *corral_int8_isa(void) { return "neon"; }
+
+void corral_int8_matvec_blocks(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M,
+                               int64_t N, int64_t K, int64_t b0, int64_t b1) {
+    blocks_neon(x, packed, scales, y, M, N, K, b0, b1);
+}
+
+#else /* x86: AVX2, and AVX-512 where the CPU has it */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -32,9 +88,6 @@ static inline float hsum(__m256 v) {
 static inline __m256 widen(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-
-int corral_int8_rows(void) { return ROWS; }
-int corral_int8_chunk(void) { return CHUNK; }
 
 /* AVX-512: a chunk of 16 weights is one vector (one widening, one FMA per row of x, where AVX2 takes two
    of each), widened once for up to four rows of x (a batched decode step: at 8 rows this path is bound by
@@ -179,6 +232,8 @@ static void blocks_avx2(const float *x, const int8_t *packed, const float *scale
         }
     }
 }
+
+#endif
 
 /* --- threaded entry -------------------------------------------------------------------------------- */
 

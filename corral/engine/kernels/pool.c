@@ -9,7 +9,6 @@
    While spinning they yield the core every few hundred rounds: when another process wants the core,
    it gets it (a pure busy-wait would keep it from running and make the caller wait for both). */
 
-#include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -34,9 +33,17 @@ static atomic_long generation; /* bumped once per call */
 static atomic_int remaining;   /* workers that have not finished the current call */
 static int n_workers;
 
+static inline void pause_cpu(void) { /* a spin-wait hint to the core */
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 static inline void relax(int spins) {
     if (spins % YIELD_EVERY == YIELD_EVERY - 1) sched_yield();
-    else _mm_pause();
+    else pause_cpu();
 }
 
 static void *worker(void *arg) {

@@ -37,9 +37,12 @@
    Code paths, chosen at run time and reported by corral_q_isa():
        "avx512vnni"  the AVX2 code with vpdpwssd (two madd_epi16 and their sum in two instructions) and,
                      for the interleaved types, vpdpbusd
-       "avx2"        AVX2 + FMA + F16C, which the whole library is compiled for
+       "avx2"        AVX2 + FMA + F16C, which the whole x86 library is compiled for
+       "neon-dotprod" (64-bit ARM) the interleaved types with sdot by lane (vdotq_laneq_s32): the same
+                     integers and float steps as the AVX paths, bit for bit; the GGUF layout as "neon"
+       "neon"        (64-bit ARM, e.g. a Cortex-A53 without dotprod) the GGUF layout with vmlal_s16; the
+                     interleaved types in the scalar code
        "scalar"      plain C, the reference for any other CPU
-   An ARM build would add a NEON path the same way (vmlal_s16 and vdotq_s32 are the same products).
 
    Prepared activations (corral_q_act_bytes bytes; opaque to callers but for the tests), block-major:
        int16 q[K/32][M][32]   the quantized values, |q| <= 32767 (Q8_0) or 127 (4-bit types)
@@ -62,6 +65,10 @@
 
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#ifdef __aarch64__
+#include <arm_neon.h>
+#include <sys/auxv.h>
 #endif
 #include <math.h>
 #include <stdint.h>
@@ -464,32 +471,142 @@ VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, f
 }
 #endif
 
+/* --- ARM: NEON, and the dot-product instructions (ARMv8.2 dotprod, most phones since 2018) ---------------- */
+
+#ifdef __aarch64__
+#define DOTPROD_TARGET __attribute__((target("arch=armv8.2-a+dotprod")))
+
+/* The GGUF layout with int16 activations, one output row and one row of x at a time: per block, the 32
+   weights widened to int16 and multiplied into int32 lanes (vmull/vmlal_s16), summed, then scaled in
+   float. The integers are the x86 paths'; the float sums run in another order (results to ~1e-6). */
+static void rows_neon(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                      int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK, row = nb * block_bytes(type);
+    const acts a = act_view(act, M, K);
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + n * row + b * block_bytes(type);
+                const int16_t *q = a.q + (b * M + m) * QK;
+                int16x8_t wv[4];
+                if (type == Q8_0) {
+                    const int8x16_t lo = vld1q_s8((const int8_t *)blk + 2), hi = vld1q_s8((const int8_t *)blk + 18);
+                    wv[0] = vmovl_s8(vget_low_s8(lo)), wv[1] = vmovl_s8(vget_high_s8(lo));
+                    wv[2] = vmovl_s8(vget_low_s8(hi)), wv[3] = vmovl_s8(vget_high_s8(hi));
+                } else { /* bytes j: element j in the low nibble, j + 16 in the high one */
+                    const uint8x16_t v = vld1q_u8(blk + (type == Q4_1 ? 4 : 2));
+                    const uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(v, 4);
+                    wv[0] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo)));
+                    wv[1] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(lo)));
+                    wv[2] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi)));
+                    wv[3] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(hi)));
+                }
+                int32x4_t acc = vdupq_n_s32(0);
+                for (int i = 0; i < 4; i++) {
+                    const int16x8_t xv = vld1q_s16(q + 8 * i);
+                    acc = vmlal_s16(acc, vget_low_s16(wv[i]), vget_low_s16(xv));
+                    acc = vmlal_high_s16(acc, wv[i], xv);
+                }
+                const float dot = (float)vaddvq_s32(acc), dx = a.d[b * M + m], dw = half_to_float(load16(blk));
+                if (type == Q8_0) {
+                    sum = fmaf(dot, dw * dx, sum);
+                } else {
+                    const float mw = type == Q4_1 ? half_to_float(load16(blk + 2)) : -8.0f * dw;
+                    sum += fmaf(mw, a.s[b * M + m], dot * (dw * dx));
+                }
+            }
+            y[m * N + n] = sum;
+        }
+}
+
+/* The interleaved layouts with int8 activations, as tile_x8: a 16-byte vector holds 4 elements of each of 4
+   rows, and sdot by lane (vdotq_laneq_s32) multiplies them with 4 values of x into each row's int32 lane;
+   two vectors cover the group's 8 rows. The integers and every float step are the AVX paths', in the same
+   order (fused multiply-adds where they fuse), so the results are bit-identical to an x86 machine's. */
+DOTPROD_TARGET static void rows_dotprod_x8(int type, const void *act, const uint8_t *w, float *y, int64_t M,
+                                           int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t nb = K / QK, bytes = G * block_bytes(type);
+    const int q41 = type == (Q4_1 | X8), header = x8_header(type);
+    const acts a = act_view(act, M, K);
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    for (int64_t g = n0 / G; g < n1 / G; g++)
+        for (int64_t m = 0; m < M; m++) {
+            float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0; /* rows 0-3, 4-7 of the group */
+            const uint8_t *p = w + g * nb * bytes;
+            for (int64_t b = 0; b < nb; b++, p += bytes) {
+                const int64_t jx = b * M + m;
+                const int8_t *xq = (const int8_t *)(a.q + jx * QK);
+                const int8x16_t xl = vld1q_s8(xq), xh = vld1q_s8(xq + QK / 2);
+                int32x4_t d0 = vdupq_n_s32(0), d1 = d0;
+#define CHUNK_J(j)                                                                                              \
+    {                                                                                                           \
+        const uint8x16_t v0 = vld1q_u8(p + header + 32 * (j)), v1 = vld1q_u8(p + header + 32 * (j) + 16);      \
+        d0 = vdotq_laneq_s32(d0, vreinterpretq_s8_u8(vandq_u8(v0, m4)), xl, j);                                \
+        d0 = vdotq_laneq_s32(d0, vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), xh, j);                               \
+        d1 = vdotq_laneq_s32(d1, vreinterpretq_s8_u8(vandq_u8(v1, m4)), xl, j);                                \
+        d1 = vdotq_laneq_s32(d1, vreinterpretq_s8_u8(vshrq_n_u8(v1, 4)), xh, j);                               \
+    }
+                CHUNK_J(0) CHUNK_J(1) CHUNK_J(2) CHUNK_J(3)
+#undef CHUNK_J
+                const float16x8_t dh = vreinterpretq_f16_u8(vld1q_u8(p));
+                const float32x4_t dw0 = vcvt_f32_f16(vget_low_f16(dh)), dw1 = vcvt_high_f32_f16(dh);
+                float32x4_t mw0, mw1;
+                if (q41) {
+                    const float16x8_t mh = vreinterpretq_f16_u8(vld1q_u8(p + 2 * G));
+                    mw0 = vcvt_f32_f16(vget_low_f16(mh)), mw1 = vcvt_high_f32_f16(mh);
+                } else {
+                    mw0 = vmulq_n_f32(dw0, -8.0f), mw1 = vmulq_n_f32(dw1, -8.0f);
+                }
+                const float dx = a.d[jx], sx = a.s[jx];
+                const float32x4_t t0 = vmulq_n_f32(vcvtq_f32_s32(d0), dx), t1 = vmulq_n_f32(vcvtq_f32_s32(d1), dx);
+                acc0 = vfmaq_f32(vfmaq_f32(acc0, mw0, vdupq_n_f32(sx)), dw0, t0);
+                acc1 = vfmaq_f32(vfmaq_f32(acc1, mw1, vdupq_n_f32(sx)), dw1, t1);
+            }
+            vst1q_f32(y + m * N + G * g, acc0);
+            vst1q_f32(y + m * N + G * g + 4, acc1);
+        }
+}
+#endif
+
 /* --- dispatch ------------------------------------------------------------------------------------------ */
 
+/* This architecture's code paths, worst to best: isa() is an index into PATHS. */
+#if defined(__AVX2__)
+static const char *const PATHS[] = {"scalar", "avx2", "avx512vnni"};
 enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI };
-static const char *const ISA_NAMES[] = {"scalar", "avx2", "avx512vnni"};
+#elif defined(__aarch64__)
+static const char *const PATHS[] = {"scalar", "neon", "neon-dotprod"};
+enum { ISA_SCALAR, ISA_NEON, ISA_DOTPROD };
+#else
+static const char *const PATHS[] = {"scalar"};
+enum { ISA_SCALAR };
+#endif
 
 static int isa(void) {
     static int chosen = -1; /* a race only computes the same value twice */
     if (chosen < 0) {
         int best = ISA_SCALAR;
-#ifdef __AVX2__
+#if defined(__AVX2__)
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
         if (best == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
             best = ISA_VNNI;
+#elif defined(__aarch64__)
+        best = ISA_NEON; /* part of every ARMv8-A CPU */
+        if (getauxval(AT_HWCAP) & (1UL << 20)) best = ISA_DOTPROD; /* HWCAP_ASIMDDP */
 #endif
-        /* CORRAL_CPU_ISA=avx2|scalar caps the choice (to compare the paths on one CPU; tests) */
+        /* CORRAL_CPU_ISA=<a path below the best> caps the choice (to compare the paths on one CPU; tests) */
         const char *cap = getenv("CORRAL_CPU_ISA");
         for (int i = 0; cap && i < best; i++)
-            if (!strcmp(cap, ISA_NAMES[i])) best = i;
+            if (!strcmp(cap, PATHS[i])) best = i;
         chosen = best;
     }
     return chosen;
 }
 
-const char *corral_q_isa(void) { return ISA_NAMES[isa()]; }
+const char *corral_q_isa(void) { return PATHS[isa()]; }
 
 int corral_q_row_align(int type) { return type & X8 ? G : R; }
 
@@ -499,9 +616,12 @@ void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, float *y,
     type &= ~A16; /* prepared as 16 bits: the same integer code does the rest */
     if (block_bytes(type) == 0 || n0 >= n1) return;
     if ((type & X8) && (N % G || n0 % G || n1 % G)) abort(); /* whole groups only (the callers ensure it) */
-#ifdef __AVX2__
+#if defined(__AVX2__)
     if (isa() == ISA_VNNI) return rows_vnni(type, act, w, y, M, N, K, n0, n1);
     if (isa() == ISA_AVX2) return rows_avx2(type, act, w, y, M, N, K, n0, n1);
+#elif defined(__aarch64__)
+    if ((type & X8) && isa() == ISA_DOTPROD) return rows_dotprod_x8(type, act, w, y, M, N, K, n0, n1);
+    if (!(type & X8) && isa() >= ISA_NEON) return rows_neon(type, act, w, y, M, N, K, n0, n1);
 #endif
     if (type & X8) return rows_scalar_x8(type, act, w, y, M, N, K, n0, n1);
     rows_scalar(type, act, w, y, M, N, K, n0, n1);
