@@ -167,7 +167,8 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
-TEST_ONLY_PACKAGES = {"chromium", "chromium-driver"}  # the browser tests' (tests/ui), not the server's
+# the browser tests' (tests/ui) and the ARM kernel tests' (tests/engine/test_arm_kernels.py), not the server's
+TEST_ONLY_PACKAGES = {"chromium", "chromium-driver", "gcc-aarch64-linux-gnu", "qemu-user"}
 
 
 def test_dockerfile_installs_as_the_readme_says():
