@@ -6,8 +6,8 @@ gives about 24; decode is that stream, so a kernel that reads a packed layout se
 with the package and are compiled on first use, together, into one library with the system C compiler,
 into $CORRAL_HOME/kernels (a few seconds; cached by a hash of the sources and flags). They share one
 thread pool (kernels/pool.c). On x86 they need AVX2/FMA (AVX-512 paths are chosen at run time); on ARM
-(aarch64) the int8 and block kernels run in NEON (the dot-product instructions where the CPU has them)
-and the native decode step (kernels/decode.c) is not built yet. Without a compiler, on another CPU, or
+(aarch64) the int8 and block kernels and the native decode step run in NEON (the dot-product
+instructions where the CPU has them; tested under qemu-aarch64). Without a compiler, on another CPU, or
 with CORRAL_CPU_KERNELS=0, `available()` is False and callers use torch's kernels: same results, slower.
 
     pack(q)                      int8 (N, K) -> the kernel's layout, (N // ROWS, K // CHUNK, ROWS, CHUNK)

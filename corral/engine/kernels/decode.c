@@ -6,7 +6,7 @@
    engine meets on every step after the prompts, "every sequence adds one token", and reads the same
    tensors: the model's weights where they are (fp32, Corral's packed int8, GGUF's Q8_0 / Q4_0 / Q4_1
    blocks) and the engine's paged KV cache through each sequence's block table. corral/engine/native.py
-   fills the structs below from a loaded model and checks the result against the eager model.
+   fills the structs (kernels.h) from a loaded model and checks the result against the eager model.
 
    Per layer:  h = rmsnorm(x) -> q, k, v (one parallel call) -> rope -> k, v into the cache ->
                attention over each sequence's own blocks -> x += wo(att) ->
@@ -14,12 +14,10 @@
    then logits = output(rmsnorm(x)). Matrix products and attention run on the kernels' thread pool;
    the elementwise rest is small (B x dim) and stays on the calling thread.
 
-   x86 only (AVX2, F16C) for now: elsewhere this file compiles to nothing, the library has no
-   corral_decode_step, and the engine decodes through the eager model (whose matrix products still run in
-   qblock.c's and int8.c's NEON code on ARM). */
+   The vector code works on 8 floats at a time (f8 below): AVX on x86, a pair of NEON vectors on 64-bit
+   ARM, with the same operations in the same order (fused multiply-adds where they fuse), so the two give
+   the same numbers up to the kernels' own summation orders. */
 
-#ifdef __AVX2__
-#include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -27,6 +25,78 @@
 #include <string.h>
 
 #include "kernels.h"
+
+/* --- 8 floats at a time ------------------------------------------------------------------------------- */
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+typedef __m256 f8;
+static inline f8 f8_zero(void) { return _mm256_setzero_ps(); }
+static inline f8 f8_set1(float v) { return _mm256_set1_ps(v); }
+static inline f8 f8_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void f8_store(float *p, f8 v) { _mm256_storeu_ps(p, v); }
+static inline f8 f8_add(f8 a, f8 b) { return _mm256_add_ps(a, b); }
+static inline f8 f8_sub(f8 a, f8 b) { return _mm256_sub_ps(a, b); }
+static inline f8 f8_mul(f8 a, f8 b) { return _mm256_mul_ps(a, b); }
+static inline f8 f8_div(f8 a, f8 b) { return _mm256_div_ps(a, b); }
+static inline f8 f8_fma(f8 a, f8 b, f8 c) { return _mm256_fmadd_ps(a, b, c); } /* a b + c, rounded once */
+static inline f8 f8_fnma(f8 a, f8 b, f8 c) { return _mm256_fnmadd_ps(a, b, c); } /* c - a b, rounded once */
+static inline f8 f8_min(f8 a, f8 b) { return _mm256_min_ps(a, b); }
+static inline f8 f8_max(f8 a, f8 b) { return _mm256_max_ps(a, b); }
+static inline f8 f8_round(f8 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* 2^n for whole n (as floats) in the exponent field */
+static inline f8 f8_pow2i(f8 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline f8 f8_load_half(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void f8_store_half(uint16_t *p, f8 v) { /* nearest-even, as torch's .half() */
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static inline float f8_hsum(f8 v) { /* (v0 + v4 + v2 + v6) + (v1 + v5 + v3 + v7) */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+typedef struct {
+    float32x4_t lo, hi;
+} f8;
+#define F8_MAP(a, b, op) ((f8){op((a).lo, (b).lo), op((a).hi, (b).hi)})
+static inline f8 f8_zero(void) { return (f8){vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
+static inline f8 f8_set1(float v) { return (f8){vdupq_n_f32(v), vdupq_n_f32(v)}; }
+static inline f8 f8_load(const float *p) { return (f8){vld1q_f32(p), vld1q_f32(p + 4)}; }
+static inline void f8_store(float *p, f8 v) { vst1q_f32(p, v.lo), vst1q_f32(p + 4, v.hi); }
+static inline f8 f8_add(f8 a, f8 b) { return F8_MAP(a, b, vaddq_f32); }
+static inline f8 f8_sub(f8 a, f8 b) { return F8_MAP(a, b, vsubq_f32); }
+static inline f8 f8_mul(f8 a, f8 b) { return F8_MAP(a, b, vmulq_f32); }
+static inline f8 f8_div(f8 a, f8 b) { return F8_MAP(a, b, vdivq_f32); }
+static inline f8 f8_fma(f8 a, f8 b, f8 c) { return (f8){vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+static inline f8 f8_fnma(f8 a, f8 b, f8 c) { return (f8){vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi)}; }
+static inline f8 f8_min(f8 a, f8 b) { return F8_MAP(a, b, vminq_f32); }
+static inline f8 f8_max(f8 a, f8 b) { return F8_MAP(a, b, vmaxq_f32); }
+static inline f8 f8_round(f8 a) { return (f8){vrndnq_f32(a.lo), vrndnq_f32(a.hi)}; }
+static inline f8 f8_pow2i(f8 n) {
+    const int32x4_t bias = vdupq_n_s32(127);
+    return (f8){vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.lo), bias), 23)),
+                vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.hi), bias), 23))};
+}
+static inline f8 f8_load_half(const uint16_t *p) {
+    return (f8){vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))), vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4)))};
+}
+static inline void f8_store_half(uint16_t *p, f8 v) { /* nearest-even (the default rounding mode) */
+    vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v.lo)));
+    vst1_u16(p + 4, vreinterpret_u16_f16(vcvt_f16_f32(v.hi)));
+}
+static inline float f8_hsum(f8 v) { /* the AVX order */
+    const float32x4_t s = vaddq_f32(v.lo, v.hi);
+    const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+}
+#else
+#error "decode.c needs AVX2 (x86) or NEON (aarch64)"
+#endif
 
 enum { W_F32 = 0, W_INT8 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_X8 = 0x100, W_A16 = 0x200 }; /* block types:
     GGML's numbers; | W_X8: the 4-bit blocks interleaved by 8 rows, | W_A16: with 16-bit activations (qblock.c) */
@@ -38,30 +108,7 @@ extern void corral_q_matvec_rows(int type, const void *act, const uint8_t *w, fl
                                  int64_t K, int64_t n0, int64_t n1) __attribute__((weak));
 extern int corral_q_row_align(int type) __attribute__((weak));
 
-typedef struct {
-    int64_t type, n, k;   /* y (M, n) = x (M, k) @ W^T */
-    const void *w;        /* fp32 (n, k); int8 packed (n/4, k/16, 4, 16); blocks: n rows of k/32 blocks, or
-                             groups of 8 rows interleaved (qblock.c) */
-    const float *scales;  /* int8: one per output row; otherwise unused */
-} corral_linear;
-
-typedef struct {
-    const float *attn_norm, *ffn_norm;
-    corral_linear wq, wk, wv, wo, w1, w3, w2;
-} corral_layer;
-
-typedef struct {
-    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab;
-    double eps;
-    const corral_layer *layers;
-    const float *norm;
-    corral_linear output;
-    const float *rope;                /* (rope_len, head_dim / 2, 2): cos, sin of each position */
-    int64_t rope_len;
-    void *cache_k, *cache_v;          /* (n_layers, n_slots, n_kv_heads, head_dim), fp32 or fp16 */
-    int64_t n_slots, block_size;
-    int64_t kv_f16;                   /* 1: the cache holds fp16 (IEEE half, as torch.float16) */
-} corral_model;
+/* corral_linear, corral_layer, corral_model: kernels.h */
 
 int corral_decode_abi(void) { return 2; } /* bumped when the structs change; native.py checks it */
 
@@ -75,42 +122,33 @@ int corral_decode_supports(int64_t type) {
 
 /* --- matrix products ------------------------------------------------------------------------------ */
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    f8 s0 = f8_zero(), s1 = f8_zero();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s0 = f8_fma(f8_load(a + i), f8_load(b + i), s0);
+        s1 = f8_fma(f8_load(a + i + 8), f8_load(b + i + 8), s1);
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i + 8 <= n; i += 8) s0 = f8_fma(f8_load(a + i), f8_load(b + i), s0);
+    float s = f8_hsum(f8_add(s0, s1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
 /* e^x for 8 floats (Cephes' polynomial, ~1e-7 relative error), for softmax and SiLU. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3763f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* x - n ln 2, in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+static inline f8 exp8(f8 x) {
+    x = f8_min(f8_max(x, f8_set1(-87.3365f)), f8_set1(88.3763f));
+    const f8 n = f8_round(f8_mul(x, f8_set1(1.44269504088896341f)));
+    f8 r = f8_fnma(n, f8_set1(0.693359375f), x); /* x - n ln 2, in two parts */
+    r = f8_fnma(n, f8_set1(-2.12194440e-4f), r);
+    f8 y = f8_set1(1.9875691500e-4f);
+    y = f8_fma(y, r, f8_set1(1.3981999507e-3f));
+    y = f8_fma(y, r, f8_set1(8.3334519073e-3f));
+    y = f8_fma(y, r, f8_set1(4.1665795894e-2f));
+    y = f8_fma(y, r, f8_set1(1.6666665459e-1f));
+    y = f8_fma(y, r, f8_set1(5.0000001201e-1f));
+    y = f8_fma(y, f8_mul(r, r), f8_add(r, f8_set1(1.0f)));
+    return f8_mul(y, f8_pow2i(n));
 }
 
 /* fp32 weights, output columns n0..n1-1; each weight row is read once from memory for all M inputs. */
@@ -208,16 +246,15 @@ static inline int64_t slot_of(const int32_t *table, int64_t pos, int64_t bs) {
 
 /* Keys and values of one position are a short row (hd values) every n_kv_heads * hd values: the hardware
    prefetcher does not run far enough ahead on such strides, so each position asks for a later one's row.
-   The cache holds fp32 or fp16 (half the bytes to read; converted 8 at a time with F16C). */
+   The cache holds fp32 or fp16 (half the bytes to read; converted 8 at a time: F16C, or NEON's fcvtl). */
 #define AHEAD 8
 #define SPAN 256 /* positions per attention task */
 static inline void prefetch_row(const char *row, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(row + i, 0, 3);
 }
 
-static inline __m256 load_kv(const char *row, int64_t i, int f16) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
-               : _mm256_loadu_ps((const float *)row + i);
+static inline f8 load_kv(const char *row, int64_t i, int f16) {
+    return f16 ? f8_load_half((const uint16_t *)row + i) : f8_load((const float *)row + i);
 }
 
 #define PARTIAL(j, task) ((j)->partial + (task) * ((j)->m->n_heads / (j)->m->n_kv_heads) * ((j)->m->head_dim + 2))
@@ -256,22 +293,22 @@ static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int
             const int64_t nh = group - h0 < 4 ? group - h0 : 4;
             const float *q0 = q + h0 * hd, *q1 = q0 + (nh > 1) * hd, *q2 = q0 + (nh > 2) * 2 * hd,
                         *q3 = q0 + (nh > 3) * 3 * hd;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+            f8 a0 = f8_zero(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
             for (int64_t d = 0; d < hd; d += 8) {
-                const __m256 x0 = load_kv(k0, d, f16), x1 = load_kv(k1, d, f16);
-                __m256 w = _mm256_loadu_ps(q0 + d);
-                a0 = _mm256_fmadd_ps(w, x0, a0), c0 = _mm256_fmadd_ps(w, x1, c0);
-                w = _mm256_loadu_ps(q1 + d);
-                a1 = _mm256_fmadd_ps(w, x0, a1), c1 = _mm256_fmadd_ps(w, x1, c1);
-                w = _mm256_loadu_ps(q2 + d);
-                a2 = _mm256_fmadd_ps(w, x0, a2), c2 = _mm256_fmadd_ps(w, x1, c2);
-                w = _mm256_loadu_ps(q3 + d);
-                a3 = _mm256_fmadd_ps(w, x0, a3), c3 = _mm256_fmadd_ps(w, x1, c3);
+                const f8 x0 = load_kv(k0, d, f16), x1 = load_kv(k1, d, f16);
+                f8 w = f8_load(q0 + d);
+                a0 = f8_fma(w, x0, a0), c0 = f8_fma(w, x1, c0);
+                w = f8_load(q1 + d);
+                a1 = f8_fma(w, x0, a1), c1 = f8_fma(w, x1, c1);
+                w = f8_load(q2 + d);
+                a2 = f8_fma(w, x0, a2), c2 = f8_fma(w, x1, c2);
+                w = f8_load(q3 + d);
+                a3 = f8_fma(w, x0, a3), c3 = f8_fma(w, x1, c3);
             }
-            const __m256 a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
+            const f8 a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
             for (int h = 0; h < nh; h++) {
-                scores[(h0 + h) * n + p - p0] = hsum8(a[h]) * scale;
-                if (two) scores[(h0 + h) * n + p + 1 - p0] = hsum8(c[h]) * scale;
+                scores[(h0 + h) * n + p - p0] = f8_hsum(a[h]) * scale;
+                if (two) scores[(h0 + h) * n + p + 1 - p0] = f8_hsum(c[h]) * scale;
             }
         }
     }
@@ -279,13 +316,13 @@ static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int
         float *sc = scores + h * n, mx = -INFINITY;
         for (int64_t i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
         int64_t i = 0;
-        __m256 acc = _mm256_setzero_ps();
+        f8 acc = f8_zero();
         for (; i + 8 <= n; i += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sc + i, e);
-            acc = _mm256_add_ps(acc, e);
+            const f8 e = exp8(f8_sub(f8_load(sc + i), f8_set1(mx)));
+            f8_store(sc + i, e);
+            acc = f8_add(acc, e);
         }
-        float sum = hsum8(acc);
+        float sum = f8_hsum(acc);
         for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
         float *o = out + h * (hd + 2);
         o[0] = mx, o[1] = sum;
@@ -297,17 +334,17 @@ static void attend(const attention_job *j, int64_t b, int64_t g, int64_t p0, int
         const float *s0 = scores + h0 * n - p0, *s1 = s0 + (nh > 1) * n, *s2 = s0 + (nh > 2) * 2 * n,
                     *s3 = s0 + (nh > 3) * 3 * n;
         for (int64_t d = 0; d < hd; d += 8) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            f8 a0 = f8_zero(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t p = p0; p < p1; p++) {
                 if (d == 0 && h0 == 0 && p + AHEAD < p1) prefetch_row(ROW(cv, p + AHEAD), row_bytes);
-                const __m256 vd = load_kv(ROW(cv, p), d, f16);
-                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(s0 + p), vd, a0);
-                a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(s1 + p), vd, a1);
-                a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(s2 + p), vd, a2);
-                a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(s3 + p), vd, a3);
+                const f8 vd = load_kv(ROW(cv, p), d, f16);
+                a0 = f8_fma(f8_set1(s0[p]), vd, a0);
+                a1 = f8_fma(f8_set1(s1[p]), vd, a1);
+                a2 = f8_fma(f8_set1(s2[p]), vd, a2);
+                a3 = f8_fma(f8_set1(s3[p]), vd, a3);
             }
-            const __m256 a[4] = {a0, a1, a2, a3};
-            for (int h = 0; h < nh; h++) _mm256_storeu_ps(out + (h0 + h) * (hd + 2) + 2 + d, a[h]);
+            const f8 a[4] = {a0, a1, a2, a3};
+            for (int h = 0; h < nh; h++) f8_store(out + (h0 + h) * (hd + 2) + 2 + d, a[h]);
         }
     }
 #undef ROW
@@ -372,9 +409,9 @@ static void rmsnorm(const float *x, const float *weight, float *out, int64_t B, 
 static void silu_mul(float *g, const float *u, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(g + i);
-        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+        const f8 x = f8_load(g + i);
+        const f8 den = f8_add(f8_set1(1.0f), exp8(f8_sub(f8_zero(), x)));
+        f8_store(g + i, f8_mul(f8_div(x, den), f8_load(u + i)));
     }
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
@@ -402,7 +439,7 @@ static void store_kv(const corral_model *m, void *cache, int64_t at, const float
     }
     uint16_t *dst = (uint16_t *)cache + at;
     for (int64_t i = 0; i < n; i += 8) /* n = n_kv_heads * head_dim, a multiple of 8 (native.py checks) */
-        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        f8_store_half(dst + i, f8_load(src + i));
 }
 
 /* --- the step ------------------------------------------------------------------------------------- */
@@ -481,4 +518,3 @@ int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t
     return 0;
 }
 
-#endif /* __AVX2__ */

@@ -27,4 +27,36 @@ void corral_q_dequantize(int type, const uint8_t *w, float *out, int64_t n_eleme
 void corral_q_dequantize_rows(int type, const uint8_t *w, float *out, int64_t N, int64_t K);
 const char *corral_q_isa(void);
 
+/* decode.c: the decode step of a Llama text model, B sequences one new token each (corral/engine/native.py
+   fills these structs from a loaded model). */
+typedef struct {
+    int64_t type, n, k;   /* y (M, n) = x (M, k) @ W^T */
+    const void *w;        /* fp32 (n, k); int8 packed (n/4, k/16, 4, 16); blocks: n rows of k/32 blocks, or
+                             groups of 8 rows interleaved (qblock.c) */
+    const float *scales;  /* int8: one per output row; otherwise unused */
+} corral_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    corral_linear wq, wk, wv, wo, w1, w3, w2;
+} corral_layer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab;
+    double eps;
+    const corral_layer *layers;
+    const float *norm;
+    corral_linear output;
+    const float *rope;                /* (rope_len, head_dim / 2, 2): cos, sin of each position */
+    int64_t rope_len;
+    void *cache_k, *cache_v;          /* (n_layers, n_slots, n_kv_heads, head_dim), fp32 or fp16 */
+    int64_t n_slots, block_size;
+    int64_t kv_f16;                   /* 1: the cache holds fp16 (IEEE half, as torch.float16) */
+} corral_model;
+
+int corral_decode_abi(void);
+int corral_decode_supports(int64_t type);
+int corral_decode_step(const corral_model *m, int64_t B, float *x, const int64_t *positions, const int32_t *tables,
+                       int64_t max_blocks, float *logits, int threads);
+
 #endif
