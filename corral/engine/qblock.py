@@ -420,8 +420,11 @@ class BlockLinear(_Blocks):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        # interleaved: every row through the kernel (faster than the float matmul at any size, and one arithmetic)
-        lib = _kernel() if x.device.type == "cpu" and (rows <= MATVEC_MAX_ROWS or self.interleaved) else None
+        # interleaved: every row through the kernel (faster than the float matmul at any size, and one arithmetic);
+        # an input autograd follows takes the matmul, which has a backward
+        kernel = (x.device.type == "cpu" and (rows <= MATVEC_MAX_ROWS or self.interleaved)
+                  and not (x.requires_grad and torch.is_grad_enabled()))
+        lib = _kernel() if kernel else None
         if lib is not None:
             out = _matvec(lib, x.reshape(rows, self.in_features).float(), self.weight, self.kernel_type,
                           self.out_features)

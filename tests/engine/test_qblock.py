@@ -408,6 +408,23 @@ def test_block_linear_interleaved(qtype):
     assert not odd.interleave_() and odd.kernel_type == int(qtype)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_block_linear_passes_gradients_to_its_input(interleaved):
+    """An input autograd follows (a LoRA or distillation step through a quantized model) takes the dequantized
+    matmul, whose backward gives x's gradient: dL/dx = dL/dy @ W, for decode- and prompt-sized inputs."""
+    lin = BlockLinear(64, 16, "q4_0")
+    lin.weight = qblock.quantize(torch.randn(16, 64), "q4_0")
+    if interleaved:
+        assert lin.interleave_()
+    w = qblock.dequantize(lin.blocks, "q4_0")
+    for rows in (1, 40):
+        x = torch.randn(rows, 64, requires_grad=True)
+        out = lin(x)
+        assert torch.allclose(out, x @ w.T, atol=1e-5)  # the float product, not the kernel's rounding
+        out.sum().backward()
+        assert torch.allclose(x.grad, torch.ones(rows, 16) @ w, atol=1e-5)
+
+
 def test_block_linear_interleaved_without_the_kernel(no_kernel):
     lin = BlockLinear(64, 16, "q4_1")
     lin.weight = qblock.quantize(torch.randn(16, 64), "q4_1")
