@@ -81,9 +81,11 @@ def scratch_for(x: Tensor) -> bool:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    """The CPU's feature flags (Linux /proc/cpuinfo: "flags" on x86, "Features" on ARM); empty where they cannot
+    be read."""
     try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         return set()
     return set(line.split(":", 1)[1].split())

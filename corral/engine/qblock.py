@@ -29,8 +29,9 @@ so (`interleaved`), still gives GGUF's bytes through `blocks` and its state dict
 integer products. It takes the kernel for prompts too, whatever their length: its byte products
 (vpdpbusd / vpmaddubsw) run 1.3-2.2x the dequantized fp32 matmul at 512 rows on 2 cores, and a row's
 result no longer depends on how many rows share its forward (a prompt prefilled alone or beside
-others, a chunk of 512 or a decode step: one arithmetic, so greedy tokens do not depend on the batch). CORRAL_Q4_ACTIVATION_BITS=16 keeps the 4-bit layers in GGUF's layout with 16-bit
-activations instead (the float product to ~2e-5, where 8 bits move SmolLM2's logits by up to ~0.8).
+others, a chunk of 512 or a decode step: one arithmetic, so greedy tokens do not depend on the batch).
+CORRAL_Q4_ACTIVATION_BITS=16 keeps the 4-bit layers in GGUF's layout with 16-bit activations instead
+(the float product to ~2e-5, where 8 bits move SmolLM2's logits by up to ~0.8).
 
     quantize(w, qtype) / dequantize(blocks, qtype)     float (N, K) <-> uint8 blocks (N, K / 32 * bytes)
     quantize_model_blocks(model, qtype)                every Linear (K % 32 == 0) in place, the head too
@@ -379,10 +380,10 @@ class BlockLinear(_Blocks):
 
     Inputs of up to MATVEC_MAX_ROWS rows on the CPU go through the block kernel, and inputs of any size once
     interleaved; larger ones otherwise (prefill in GGUF's layout: Q8_0, or 16-bit activations, where the
-    kernel is no faster than the float matmul) dequantize CHUNK_ELEMENTS weights at a time into torch's
-    matmul. Activations of any float dtype;
-    the kernel computes in fp32. After interleave_() `weight` holds the interleaved layout; `blocks` and
-    the state dict still give GGUF's."""
+    kernel is no faster than the float matmul) and inputs autograd follows dequantize CHUNK_ELEMENTS
+    weights at a time into torch's matmul. Activations of any float dtype; the kernel computes in fp32.
+    After interleave_() `weight` holds the interleaved layout; `blocks` and the state dict still give
+    GGUF's."""
 
     def __init__(self, in_features: int, out_features: int, qtype: str | int = "q4_0", device=None, *,
                  bias: bool = False, dtype: torch.dtype = torch.float32):

@@ -3,6 +3,8 @@ compiled library's cache under $CORRAL_HOME, and the fallbacks (disabled, no com
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -40,7 +42,10 @@ def test_int8_path_is_the_best_this_cpu_has():
     if not cpu_kernels.available():
         assert cpu_kernels.int8_isa() is None
         return
-    assert cpu_kernels.int8_isa() == ("avx512" if "avx512f" in cpu_kernels.cpu_flags() else "avx2")
+    if platform.machine().lower() in cpu_kernels.ARM:
+        assert cpu_kernels.int8_isa() == "neon"
+    else:
+        assert cpu_kernels.int8_isa() == ("avx512" if "avx512f" in cpu_kernels.cpu_flags() else "avx2")
 
 
 def test_int8_avx2_path_on_an_avx512_cpu(tmp_path, monkeypatch):

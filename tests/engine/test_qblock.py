@@ -6,6 +6,7 @@ checkpoints (`corral quantize --scheme int4 / q4_1 / q8_0`) saved and loaded bac
 from __future__ import annotations
 
 import ctypes
+import platform
 
 import gguf
 import numpy as np
@@ -83,7 +84,10 @@ def test_isa_is_the_best_this_cpu_has():
     if not cpu_kernels.available():
         assert qblock.kernel_isa() is None
         return
-    want = "avx512vnni" if {"avx512f", "avx512_vnni", "avx512bw", "avx512vl"} <= flags else "avx2"  # Linux's names
+    if platform.machine().lower() in cpu_kernels.ARM:
+        want = "neon-dotprod" if "asimddp" in flags else "neon"
+    else:
+        want = "avx512vnni" if {"avx512f", "avx512_vnni", "avx512bw", "avx512vl"} <= flags else "avx2"  # Linux's names
     assert qblock.kernel_isa() == want
 
 

@@ -30,9 +30,8 @@
    accumulated at once instead of four times. The rows of x go MT at a time through each unpacked
    weight block (MT_VNNI on the AVX-512 path, whose 32 vector registers hold twice the accumulators: a
    decode step of 8 sequences unpacks each block once, not twice), so the weights come from memory once
-   per call whatever M. A row of y gets the same
-   arithmetic in the same order whatever M, the tile it falls in and the number of threads: a
-   sequence's logits do not depend on what else is in its batch.
+   per call whatever M. A row of y gets the same arithmetic in the same order whatever M, the tile it
+   falls in and the number of threads: a sequence's logits do not depend on what else is in its batch.
 
    Code paths, chosen at run time and reported by corral_q_isa():
        "avx512vnni"  the AVX2 code with vpdpwssd (two madd_epi16 and their sum in two instructions) and,
@@ -80,7 +79,7 @@
 #define QK 32 /* elements per block */
 #define R 4   /* output rows per pass */
 #define MT 4  /* rows of x per pass */
-#define MT_VNNI 8 /* rows of x per pass of the interleaved kernel with AVX-512 (32 vector registers) */
+#define MT_VNNI 8 /* rows of x per pass on the AVX-512 path (32 vector registers) */
 #define G 8   /* rows per group of the interleaved layouts */
 
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, X8 = 0x100, A16 = 0x200 };
