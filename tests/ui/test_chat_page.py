@@ -154,7 +154,8 @@ def test_send_message_streams_the_answer(page):
 def test_stop_button_stops_the_generation(page):
     page.settings(**{"max-tokens": 1000, "temperature": 0.8})
     before = engine_stats(page.server)["generated_tokens"]
-    page.send("Count from 1 to 500, one number per line.")
+    # a story runs long (a count stops at "20. 20" after ~0.8 s, which a slow click could miss)
+    page.send("Write a long story about a dragon who learns to fly.")
     page.wait(lambda: len(page.replies()[-1].find_element("css selector", ".body").text) > 10, 120,
               "some streamed text")
     page.el("#stop").click()
