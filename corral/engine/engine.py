@@ -261,10 +261,31 @@ class Engine:
                     self._finish(seq, e if isinstance(e, ValueError) else RuntimeError(f"sampling failed: {e}"))
 
     def _forward(self, plan: list[tuple[Sequence, int]]):
-        """One flat batch for the plan -> (logits (R, vocab), the logits row of each plan entry or None)."""
-        if self.native is not None and all(n == 1 and seq.cross_state is None and not _wants_prompt_logprobs(seq)
-                                           for seq, n in plan):
+        """One step for the plan -> (logits (R, vocab), the logits row of each plan entry or None). Single tokens
+        go through the native decoder where there is one, prompt chunks through the eager model: in a step that
+        has both, each part its own way, so a sequence's tokens take the same arithmetic whatever else runs
+        beside it (with 8-bit activations, a decode row computed eagerly in one step and natively in another
+        can flip a near-tie greedy token)."""
+        if self.native is None:
+            return self._forward_eager(plan)
+        native = [i for i, (seq, n) in enumerate(plan)
+                  if n == 1 and seq.cross_state is None and not _wants_prompt_logprobs(seq)]
+        if len(native) == len(plan):
             return self._forward_native(plan)
+        if not native:
+            return self._forward_eager(plan)
+        eager = [i for i in range(len(plan)) if i not in set(native)]
+        native_logits, native_rows = self._forward_native([plan[i] for i in native])
+        eager_logits, eager_rows = self._forward_eager([plan[i] for i in eager])
+        rows: list[int | None] = [None] * len(plan)
+        for i, row in zip(native, native_rows):
+            rows[i] = row
+        for i, row in zip(eager, eager_rows):
+            rows[i] = None if row is None else row + len(native_logits)
+        return torch.cat([native_logits, eager_logits.to(native_logits.dtype)]), rows
+
+    def _forward_eager(self, plan: list[tuple[Sequence, int]]):
+        """The plan as one flat batch through the eager model."""
         bs = self.scheduler.blocks.block_size
         tokens, positions, slots, cross = [], [], [], []
         for seq, n in plan:
@@ -306,7 +327,7 @@ class Engine:
 
     def _attention_groups(self, plan: list[tuple[Sequence, int]]) -> list[AttentionGroup]:
         """The single-token entries (first in the plan) attend as one padded group over their own blocks;
-        each prompt chunk attends alone, over its cached prefix (or, from position 0, causally)."""
+        each prompt chunk attends alone over the cache, in pieces aligned to the blocks."""
         bs = self.scheduler.blocks.block_size
         decodes = [seq for seq, n in plan if n == 1]
         groups = []
@@ -321,13 +342,15 @@ class Engine:
                                          mask[:, None, None, :].to(self.device)))
         offset = len(decodes)
         for seq, n in plan[len(decodes):]:
-            ctx = seq.n_computed + n
-            if seq.n_computed == 0:
-                groups.append(AttentionGroup(offset, offset + n, 1, torch.empty(0), None))
-            else:
-                kv = torch.tensor([_slots(seq.block_table, range(ctx), bs)])
-                mask = torch.arange(ctx)[None, :] <= torch.arange(seq.n_computed, ctx)[:, None]
-                groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), mask[None, None].to(self.device)))
+            start, ctx = seq.n_computed, seq.n_computed + n
+            kv = torch.tensor([_slots(seq.block_table, range(ctx), bs)])
+            pieces, a = [], start
+            while a < ctx:  # queries cut at absolute multiples of the block size (AttentionGroup.pieces)
+                b = min((a // bs + 1) * bs, ctx)
+                mask = torch.arange(b)[None, :] <= torch.arange(a, b)[:, None]
+                pieces.append((a - start, b - start, b, mask[None, None].to(self.device)))
+                a = b
+            groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), None, pieces))
             offset += n
         return groups
 
