@@ -4,8 +4,9 @@ Every step:
   1. each running sequence that is generating gets one token (a decode), oldest first; one whose next
      position needs a block the pool cannot give preempts the newest running sequence (its blocks are
      freed and it waits again, to be recomputed later, mostly from the prefix cache);
-  2. running sequences still in their prompt get a chunk of it, within the step's token budget, so a
-     4,000-token prompt is prefilled over several steps while the other streams keep decoding;
+  2. running sequences still in their prompt get a chunk of it, within the step's token budget (ending on a
+     block boundary unless it ends the prompt), so a 4,000-token prompt is prefilled over several steps
+     while the other streams keep decoding;
   3. waiting sequences are admitted first come, first served, while the budget, the sequence limit and
      the pool allow: an admitted sequence first takes the cached blocks of its longest known prefix,
      then reserves blocks for the rest of what it has to compute.
@@ -171,7 +172,7 @@ class Scheduler:
                 budget -= 1
         for seq in self.running:  # 2. the next chunk of prompts being prefilled (blocks reserved at admission)
             if seq.prefilling and budget > 0:
-                n = min(seq.n_tokens - seq.n_computed, self._chunk_limit(seq, budget))
+                n = self._chunk(seq, budget)
                 plan[seq] = n
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admit, in order
@@ -183,14 +184,23 @@ class Scheduler:
             self.waiting.pop(0)
             self.running.append(seq)
             seq.status = RUNNING
-            n = min(seq.n_tokens - seq.n_computed, self._chunk_limit(seq, budget))
+            n = self._chunk(seq, budget)
             plan[seq] = n
             budget -= n
         return sorted(plan.items(), key=lambda item: item[1] != 1)  # single tokens first: one attention group
 
-    def _chunk_limit(self, seq: Sequence, budget: int) -> int:
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's prompt tokens to compute now: the rest of the prompt, or as many as the budget
+        allows ending on a block boundary where that leaves any (a prompt then meets the same attention pieces,
+        AttentionGroup.pieces, whatever shares its steps)."""
+        left = seq.n_tokens - seq.n_computed
         # Prompt log-probabilities need the head on every row: keep those chunks small.
-        return min(budget, 64) if seq.prompt_logprobs is not None else budget
+        n = min(left, min(budget, 64) if seq.prompt_logprobs is not None else budget)
+        if n < left:
+            bs = self.blocks.block_size
+            aligned = (seq.n_computed + n) // bs * bs - seq.n_computed
+            n = aligned if aligned > 0 else n
+        return n
 
     def _admit(self, seq: Sequence) -> bool:
         """Take the cached prefix and reserve blocks for the rest of the tokens seq knows; False if they

@@ -183,6 +183,8 @@ def test_long_prompt_is_chunked_while_others_decode():
     steps_before = engine.steps
     got = [next(a) for _ in range(8)]  # each next() is one step while b's prompt is prefilled
     assert engine.steps - steps_before == 8 and b.seq.n_computed < len(long)
+    # the budget left beside a's token is 31; b's chunks end on block boundaries (16) while its prompt lasts
+    assert b.seq.n_computed % engine.scheduler.blocks.block_size == 0
     assert [s.token_id for s in b] == greedy_reference(model, long, 3)
     rest = [s.token_id for s in a]
     assert [s.token_id for s in got] + rest == greedy_reference(model, prompts(1)[0], 40)[1:]
