@@ -274,7 +274,7 @@ class Engine:
             return self._forward_native(plan)
         if not native:
             return self._forward_eager(plan)
-        eager = [i for i in range(len(plan)) if i not in set(native)]
+        eager = sorted(set(range(len(plan))) - set(native))
         native_logits, native_rows = self._forward_native([plan[i] for i in native])
         eager_logits, eager_rows = self._forward_eager([plan[i] for i in eager])
         rows: list[int | None] = [None] * len(plan)
@@ -339,7 +339,7 @@ class Engine:
                                for seq, length in zip(decodes, lengths)])
             mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
             groups.append(AttentionGroup(0, len(decodes), len(decodes), kv.to(self.device),
-                                         mask[:, None, None, :].to(self.device)))
+                                         [(0, 1, width, mask[:, None, None, :].to(self.device))]))
         offset = len(decodes)
         for seq, n in plan[len(decodes):]:
             start, ctx = seq.n_computed, seq.n_computed + n
@@ -350,7 +350,7 @@ class Engine:
                 mask = torch.arange(b)[None, :] <= torch.arange(a, b)[:, None]
                 pieces.append((a - start, b - start, b, mask[None, None].to(self.device)))
                 a = b
-            groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), None, pieces))
+            groups.append(AttentionGroup(offset, offset + n, 1, kv.to(self.device), pieces))
             offset += n
         return groups
 

@@ -111,21 +111,20 @@ class PagedKVCache(nn.Module):
 class AttentionGroup:
     """Tokens start:end of the flat batch, as `rows` sequences of equal length T, that attend together.
 
-    kv_slots (rows, S): each row's cache slots in position order (padded with a valid slot of its own);
-    mask (rows, 1, T, S) bool "may attend", or None for a whole prefill from position 0 (plain causal).
-    pieces: a prompt chunk's queries in pieces, each (q0, q1, keys, mask): rows q0:q1 of the chunk attend over
-    the first `keys` cached positions with mask (1, 1, q1 - q0, keys). The engine cuts them at absolute
-    multiples of the cache's block size, so a query's arithmetic is the same whether its prompt was computed
-    cold, in chunks, or after a prefix-cache hit (attention kernels sum differently for different query
-    counts, and 8-bit activations can turn that noise into a different greedy token).
+    kv_slots (rows, S): each row's cache slots in position order (padded with a valid slot of its own).
+    pieces: the queries in pieces, each (q0, q1, keys, mask): queries q0:q1 of every row attend over the first
+    `keys` cached positions with mask (rows, 1, q1 - q0, keys) bool "may attend". Decode tokens are one
+    piece; the engine cuts a prompt chunk at absolute multiples of the cache's block size, so a query's
+    arithmetic is the same whether its prompt was computed cold, in chunks, or after a prefix-cache hit
+    (attention kernels sum differently for different query counts, and 8-bit activations can turn that
+    noise into a different greedy token).
     """
 
     start: int
     end: int
     rows: int
     kv_slots: Tensor
-    mask: Tensor | None
-    pieces: list[tuple[int, int, int, Tensor]] | None = None
+    pieces: list[tuple[int, int, int, Tensor]]
 
 
 @dataclass
@@ -156,23 +155,13 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, batch: PagedBatch, layer: i
     for g in batch.groups:
         t = (g.end - g.start) // g.rows
         qg = q[g.start:g.end].view(g.rows, t, *q.shape[1:]).transpose(1, 2).to(dtype)  # (rows, H, T, hd)
-        if g.pieces is not None:  # a prompt chunk, piece by piece over the cache
-            s = g.kv_slots.shape[1]
-            kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2).to(dtype)
-            vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2).to(dtype)
-            o = torch.empty_like(qg)
-            for q0, q1, keys, mask in g.pieces:
-                o[:, :, q0:q1] = F.scaled_dot_product_attention(qg[:, :, q0:q1], kg[:, :, :keys], vg[:, :, :keys],
-                                                                attn_mask=mask, enable_gqa=True)
-        elif g.mask is None:  # a prompt from position 0 in one piece: its own keys, causal
-            kg, vg = (x[g.start:g.end].view(g.rows, t, *x.shape[1:]).transpose(1, 2).to(cache_k.dtype).to(dtype)
-                      for x in (k, v))
-            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=t > 1, enable_gqa=True)
-        else:
-            s = g.kv_slots.shape[1]
-            kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2).to(dtype)  # (rows,n_kv,S,hd)
-            vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2).to(dtype)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+        s = g.kv_slots.shape[1]
+        kg = cache_k[g.kv_slots.flatten()].view(g.rows, s, *k.shape[1:]).transpose(1, 2).to(dtype)  # (rows,n_kv,S,hd)
+        vg = cache_v[g.kv_slots.flatten()].view(g.rows, s, *v.shape[1:]).transpose(1, 2).to(dtype)
+        o = torch.empty_like(qg)
+        for q0, q1, keys, mask in g.pieces:
+            o[:, :, q0:q1] = F.scaled_dot_product_attention(qg[:, :, q0:q1], kg[:, :, :keys], vg[:, :, :keys],
+                                                            attn_mask=mask, enable_gqa=True)
         out[g.start:g.end] = o.transpose(1, 2).reshape(g.end - g.start, *q.shape[1:])
     return out
 
