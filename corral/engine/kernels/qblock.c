@@ -205,8 +205,48 @@ void corral_q_prepare(int type, const float *x, void *act, int64_t M, int64_t K)
 
 /* --- the scalar path (the reference) ----------------------------------------------------------------- */
 
-static void rows_scalar(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                        int64_t n0, int64_t n1) {
+/* A block's 32 weights (Q8_0's q, the 4-bit types' unsigned nibbles) . 32 prepared activations. */
+static int32_t block_dot(int type, const uint8_t *blk, const int16_t *q) {
+    int32_t dot = 0;
+    if (type == Q8_0) {
+        for (int j = 0; j < QK; j++) dot += (int8_t)blk[2 + j] * q[j];
+    } else {
+        const uint8_t *qs = blk + (type == Q4_1 ? 4 : 2);
+        for (int j = 0; j < QK / 2; j++) dot += (qs[j] & 0x0F) * q[j] + (qs[j] >> 4) * q[j + QK / 2];
+    }
+    return dot;
+}
+
+#ifdef __aarch64__
+/* block_dot with NEON: the 32 weights widened to int16 and multiplied into int32 lanes (vmlal_s16). */
+static int32_t block_dot_neon(int type, const uint8_t *blk, const int16_t *q) {
+    int16x8_t wv[4];
+    if (type == Q8_0) {
+        const int8x16_t lo = vld1q_s8((const int8_t *)blk + 2), hi = vld1q_s8((const int8_t *)blk + 18);
+        wv[0] = vmovl_s8(vget_low_s8(lo)), wv[1] = vmovl_s8(vget_high_s8(lo));
+        wv[2] = vmovl_s8(vget_low_s8(hi)), wv[3] = vmovl_s8(vget_high_s8(hi));
+    } else { /* byte j: element j in the low nibble, j + 16 in the high one */
+        const uint8x16_t v = vld1q_u8(blk + (type == Q4_1 ? 4 : 2));
+        const uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(v, 4);
+        wv[0] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo)));
+        wv[1] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(lo)));
+        wv[2] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi)));
+        wv[3] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(hi)));
+    }
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int i = 0; i < 4; i++) {
+        const int16x8_t xv = vld1q_s16(q + 8 * i);
+        acc = vmlal_s16(acc, vget_low_s16(wv[i]), vget_low_s16(xv));
+        acc = vmlal_high_s16(acc, wv[i], xv);
+    }
+    return vaddvq_s32(acc);
+}
+#endif
+
+/* One output row and one row of x at a time, a block's integer dot product at a time (neon: with NEON;
+   a constant, so each caller gets its own copy of the loop). */
+static inline void rows_gguf(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N,
+                             int64_t K, int64_t n0, int64_t n1, const int neon) {
     const int64_t nb = K / QK, row = nb * block_bytes(type);
     acts a = act_view(act, M, K);
     for (int64_t n = n0; n < n1; n++)
@@ -216,19 +256,26 @@ static void rows_scalar(int type, const void *act, const uint8_t *w, float *y, i
                 const uint8_t *blk = w + n * row + b * block_bytes(type);
                 const int16_t *q = a.q + (b * M + m) * QK;
                 const float dx = a.d[b * M + m], dw = half_to_float(load16(blk));
-                int32_t dot = 0;
+#ifdef __aarch64__
+                const int32_t dot = neon ? block_dot_neon(type, blk, q) : block_dot(type, blk, q);
+#else
+                (void)neon;
+                const int32_t dot = block_dot(type, blk, q);
+#endif
                 if (type == Q8_0) {
-                    for (int j = 0; j < QK; j++) dot += (int8_t)blk[2 + j] * q[j];
                     sum += dw * dx * (float)dot;
                 } else {
-                    const uint8_t *qs = blk + (type == Q4_1 ? 4 : 2);
-                    for (int j = 0; j < QK / 2; j++) dot += (qs[j] & 0x0F) * q[j] + (qs[j] >> 4) * q[j + QK / 2];
                     const float mw = type == Q4_1 ? half_to_float(load16(blk + 2)) : -8.0f * dw;
                     sum += dw * dx * (float)dot + mw * a.s[b * M + m];
                 }
             }
             y[m * N + n] = sum;
         }
+}
+
+static void rows_scalar(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                        int64_t n0, int64_t n1) {
+    rows_gguf(type, act, w, y, M, N, K, n0, n1, 0);
 }
 
 /* Where element e of row i (of 8) of an interleaved block lies: byte 4i + t of the j-th 32 bytes of nibbles
@@ -475,48 +522,11 @@ VNNI_TARGET static void rows_vnni(int type, const void *act, const uint8_t *w, f
 #ifdef __aarch64__
 #define DOTPROD_TARGET __attribute__((target("arch=armv8.2-a+dotprod")))
 
-/* The GGUF layout with int16 activations, one output row and one row of x at a time: per block, the 32
-   weights widened to int16 and multiplied into int32 lanes (vmull/vmlal_s16), summed, then scaled in
-   float. The integers are the x86 paths'; the float sums run in another order (results to ~1e-6). */
+/* The GGUF layout: the scalar loop with NEON's block dot (the same integers; the same float steps as the
+   scalar path). */
 static void rows_neon(int type, const void *act, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                       int64_t n0, int64_t n1) {
-    const int64_t nb = K / QK, row = nb * block_bytes(type);
-    const acts a = act_view(act, M, K);
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float sum = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = w + n * row + b * block_bytes(type);
-                const int16_t *q = a.q + (b * M + m) * QK;
-                int16x8_t wv[4];
-                if (type == Q8_0) {
-                    const int8x16_t lo = vld1q_s8((const int8_t *)blk + 2), hi = vld1q_s8((const int8_t *)blk + 18);
-                    wv[0] = vmovl_s8(vget_low_s8(lo)), wv[1] = vmovl_s8(vget_high_s8(lo));
-                    wv[2] = vmovl_s8(vget_low_s8(hi)), wv[3] = vmovl_s8(vget_high_s8(hi));
-                } else { /* bytes j: element j in the low nibble, j + 16 in the high one */
-                    const uint8x16_t v = vld1q_u8(blk + (type == Q4_1 ? 4 : 2));
-                    const uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(v, 4);
-                    wv[0] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo)));
-                    wv[1] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(lo)));
-                    wv[2] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi)));
-                    wv[3] = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(hi)));
-                }
-                int32x4_t acc = vdupq_n_s32(0);
-                for (int i = 0; i < 4; i++) {
-                    const int16x8_t xv = vld1q_s16(q + 8 * i);
-                    acc = vmlal_s16(acc, vget_low_s16(wv[i]), vget_low_s16(xv));
-                    acc = vmlal_high_s16(acc, wv[i], xv);
-                }
-                const float dot = (float)vaddvq_s32(acc), dx = a.d[b * M + m], dw = half_to_float(load16(blk));
-                if (type == Q8_0) {
-                    sum = fmaf(dot, dw * dx, sum);
-                } else {
-                    const float mw = type == Q4_1 ? half_to_float(load16(blk + 2)) : -8.0f * dw;
-                    sum += fmaf(mw, a.s[b * M + m], dot * (dw * dx));
-                }
-            }
-            y[m * N + n] = sum;
-        }
+    rows_gguf(type, act, w, y, M, N, K, n0, n1, 1);
 }
 
 /* The interleaved layouts with int8 activations, as tile_x8: a 16-byte vector holds 4 elements of each of 4
