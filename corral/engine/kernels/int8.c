@@ -100,64 +100,37 @@ AVX512 static inline __m512 widen16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
+/* Rows m .. m + MR - 1 of x against output block b (MR a constant wherever this is inlined: 4, 2 or 1). */
+AVX512 static inline __attribute__((always_inline)) void tile_avx512(const int MR, const float *x, const int8_t *block,
+                                                                     const float *scales, float *y, int64_t m,
+                                                                     int64_t N, int64_t K, int64_t b) {
+    __m512 acc[4][ROWS];
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();
+    const int8_t *p = block;
+    for (int64_t k = 0; k < K; k += CHUNK, p += CHUNK * ROWS) {
+        __m512 xv[4];
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(x + (m + i) * K + k);
+        _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 w = widen16(p + CHUNK * r);
+            for (int i = 0; i < MR; i++) acc[i][r] = _mm512_fmadd_ps(w, xv[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float *yi = y + (m + i) * N + b * ROWS;
+        for (int r = 0; r < ROWS; r++) yi[r] = _mm512_reduce_add_ps(acc[i][r]) * scales[b * ROWS + r];
+    }
+}
+
 AVX512 static void blocks_avx512(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M,
                                  int64_t N, int64_t K, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) {
         const int8_t *block = packed + b * ROWS * K;
         int64_t m = 0;
-        for (; m + 3 < M; m += 4) { /* four rows of x per widening (32 registers hold the 16 sums) */
-            const float *x0 = x + m * K;
-            __m512 acc[4][ROWS];
-            for (int i = 0; i < 4; i++)
-                for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();
-            const int8_t *p = block;
-            for (int64_t k = 0; k < K; k += CHUNK, p += CHUNK * ROWS) {
-                __m512 xv[4];
-                for (int i = 0; i < 4; i++) xv[i] = _mm512_loadu_ps(x0 + i * K + k);
-                _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
-                for (int r = 0; r < ROWS; r++) {
-                    const __m512 w = widen16(p + CHUNK * r);
-                    for (int i = 0; i < 4; i++) acc[i][r] = _mm512_fmadd_ps(w, xv[i], acc[i][r]);
-                }
-            }
-            for (int i = 0; i < 4; i++) {
-                float *yi = y + (m + i) * N + b * ROWS;
-                for (int r = 0; r < ROWS; r++) yi[r] = _mm512_reduce_add_ps(acc[i][r]) * scales[b * ROWS + r];
-            }
-        }
-        for (; m + 1 < M; m += 2) {
-            const float *xa = x + m * K, *xb = xa + K;
-            __m512 a[ROWS], c[ROWS];
-            for (int r = 0; r < ROWS; r++) a[r] = c[r] = _mm512_setzero_ps();
-            const int8_t *p = block;
-            for (int64_t k = 0; k < K; k += CHUNK, p += CHUNK * ROWS) {
-                const __m512 xa0 = _mm512_loadu_ps(xa + k), xb0 = _mm512_loadu_ps(xb + k);
-                _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
-                for (int r = 0; r < ROWS; r++) {
-                    const __m512 w = widen16(p + CHUNK * r);
-                    a[r] = _mm512_fmadd_ps(w, xa0, a[r]);
-                    c[r] = _mm512_fmadd_ps(w, xb0, c[r]);
-                }
-            }
-            float *ya = y + m * N + b * ROWS, *yb = ya + N;
-            for (int r = 0; r < ROWS; r++) {
-                ya[r] = _mm512_reduce_add_ps(a[r]) * scales[b * ROWS + r];
-                yb[r] = _mm512_reduce_add_ps(c[r]) * scales[b * ROWS + r];
-            }
-        }
-        for (; m < M; m++) {
-            const float *xm = x + m * K;
-            __m512 acc[ROWS];
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-            const int8_t *p = block;
-            for (int64_t k = 0; k < K; k += CHUNK, p += CHUNK * ROWS) {
-                const __m512 x0 = _mm512_loadu_ps(xm + k);
-                _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
-                for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(widen16(p + CHUNK * r), x0, acc[r]);
-            }
-            float *ym = y + m * N + b * ROWS;
-            for (int r = 0; r < ROWS; r++) ym[r] = _mm512_reduce_add_ps(acc[r]) * scales[b * ROWS + r];
-        }
+        for (; m + 3 < M; m += 4) tile_avx512(4, x, block, scales, y, m, N, K, b); /* 32 registers: 16 sums */
+        for (; m + 1 < M; m += 2) tile_avx512(2, x, block, scales, y, m, N, K, b);
+        for (; m < M; m++) tile_avx512(1, x, block, scales, y, m, N, K, b);
     }
 }
 
