@@ -23,6 +23,16 @@ CC, QEMU, SYSROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64", Path("/usr/aarch64-
 HERE = Path(__file__).parent
 
 
+def build_driver(compiler: str, machine: str, directory: Path) -> Path:
+    """The kernel library as cpu_kernels builds it for `machine`, and arm_driver.c linked against it."""
+    sources = sorted(map(str, cpu_kernels.SOURCES.glob("*.c")))
+    lib, driver = directory / "libcorral.so", directory / "driver"
+    subprocess.run([compiler, *cpu_kernels.flags_for(machine), "-o", str(lib), *sources], check=True)
+    subprocess.run([compiler, "-O2", "-o", str(driver), str(HERE / "arm_driver.c"), str(lib), "-Wl,-rpath,$ORIGIN",
+                    "-lm"], check=True)
+    return driver
+
+
 @pytest.fixture(scope="module")
 def arm(tmp_path_factory):
     """run(*args, cpu=None, env=None) -> the driver's stdout, under qemu; the build directory as .dir."""
@@ -30,17 +40,14 @@ def arm(tmp_path_factory):
     if missing or not SYSROOT.is_dir():
         pytest.fail(f"{', '.join(missing) or SYSROOT} missing: apt-get install gcc-aarch64-linux-gnu qemu-user")
     d = tmp_path_factory.mktemp("arm")
-    sources = sorted(map(str, cpu_kernels.SOURCES.glob("*.c")))
-    subprocess.run([CC, *cpu_kernels.flags_for("aarch64"), "-o", str(d / "libcorral.so"), *sources], check=True)
-    subprocess.run([CC, "-O2", "-o", str(d / "driver"), str(HERE / "arm_driver.c"), str(d / "libcorral.so"),
-                    "-Wl,-rpath,$ORIGIN", "-lm"], check=True)
+    driver = build_driver(CC, "aarch64", d)
 
     class Runner:
         dir = d
 
         @staticmethod
         def run(*args, cpu: str | None = None, env: dict | None = None) -> str:
-            cmd = [QEMU, "-L", str(SYSROOT)] + (["-cpu", cpu] if cpu else []) + [str(d / "driver"), *map(str, args)]
+            cmd = [QEMU, "-L", str(SYSROOT)] + (["-cpu", cpu] if cpu else []) + [str(driver), *map(str, args)]
             environment = {"PATH": "/usr/bin:/bin", **(env or {})}
             return subprocess.run(cmd, check=True, capture_output=True, text=True, env=environment,
                                   timeout=120).stdout
@@ -233,16 +240,18 @@ def arm_decode(arm, data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray((arm.dir / "logits.bin").read_bytes()), dtype=torch.float32).view(3, -1)
 
 
-def x86_decode(tmp_path, data: bytes) -> torch.Tensor:
-    """The same driver and input on this machine's x86 build."""
-    lib, driver = tmp_path / "libcorral.so", tmp_path / "driver"
-    sources = sorted(map(str, cpu_kernels.SOURCES.glob("*.c")))
-    subprocess.run([cpu_kernels._compiler(), *cpu_kernels.flags_for("x86_64"), "-o", str(lib), *sources], check=True)
-    subprocess.run([cpu_kernels._compiler(), "-O2", "-o", str(driver), str(HERE / "arm_driver.c"), str(lib),
-                    "-Wl,-rpath,$ORIGIN", "-lm"], check=True)
-    (tmp_path / "model.bin").write_bytes(data)
-    subprocess.run([str(driver), "decode", str(tmp_path / "model.bin"), str(tmp_path / "logits.bin")], check=True)
-    return torch.frombuffer(bytearray((tmp_path / "logits.bin").read_bytes()), dtype=torch.float32).view(3, -1)
+@pytest.fixture(scope="module")
+def x86_decode(tmp_path_factory):
+    """decode(data) -> logits: the same driver and input on this machine's x86 build (built once)."""
+    d = tmp_path_factory.mktemp("x86")
+    driver = build_driver(cpu_kernels._compiler(), "x86_64", d)
+
+    def decode(data: bytes) -> torch.Tensor:
+        (d / "model.bin").write_bytes(data)
+        subprocess.run([str(driver), "decode", str(d / "model.bin"), str(d / "logits.bin")], check=True)
+        return torch.frombuffer(bytearray((d / "logits.bin").read_bytes()), dtype=torch.float32).view(3, -1)
+
+    return decode
 
 
 def test_native_decode_step_on_arm_matches_the_reference(arm):
@@ -255,13 +264,13 @@ def test_native_decode_step_on_arm_matches_the_reference(arm):
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("weight_type", [0, int(QType.Q8_0), int(QType.Q4_1) | qblock.X8], ids=["f32", "q8_0", "q4_1x8"])
-def test_native_decode_step_on_arm_equals_x86(arm, tmp_path, weight_type):
+def test_native_decode_step_on_arm_equals_x86(arm, x86_decode, weight_type):
     """The same step on x86 and ARM: the same vector operations in the same order, so the logits agree to
     float noise (measured: fp32 2e-7 of the largest logit, the interleaved Q4_1 bit for bit). Q8_0's blocks
     sum their per-block floats in another order on NEON, and the next layer's 16-bit rounding of x
     amplifies that: 2e-5 to 6e-5 over seeds 1-3."""
     data, ref = decode_input(weight_type, seed=1)
-    got, x86 = arm_decode(arm, data), x86_decode(tmp_path, data)
+    got, x86 = arm_decode(arm, data), x86_decode(data)
     tolerance = 2e-4 if weight_type == int(QType.Q8_0) else 1e-5
     assert torch.allclose(got, x86, rtol=tolerance, atol=tolerance * x86.abs().max().item())
     if weight_type == 0:
