@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -128,6 +129,7 @@ def test_worker_queue_is_bounded_and_cancel_stops_generation():
         def slow(llm, cancel):
             for k in range(1000):
                 gate.wait(5)
+                time.sleep(0.001)  # a generation takes time: all 1000 would take >= 1 s, the cancel comes at once
                 produced.append(k)
                 yield {"k": k}
 
